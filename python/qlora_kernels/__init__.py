@@ -1,0 +1,32 @@
+"""qlora-kernels: NF4 (bitsandbytes-compatible) quantization kernels and fused QLoRA layers."""
+
+from ._backend import backend_info, get_backend, set_backend
+from ._format import DYNAMIC_MAP, NF4_TABLE
+from .functional import (
+    dequantize_nf4,
+    double_dequantize,
+    double_quantize,
+    pack_nf4,
+    quantize_nf4,
+    unpack_nf4,
+)
+from .weight import NF4Weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NF4_TABLE",
+    "DYNAMIC_MAP",
+    "NF4Weight",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "pack_nf4",
+    "unpack_nf4",
+    "double_quantize",
+    "double_dequantize",
+    "backend_info",
+    "get_backend",
+    "set_backend",
+]
+
+# --- training layer (autograd, nn modules, model preparation, adapters) ---

@@ -1,0 +1,291 @@
+"""The op contract: every op defined once in the `qlora::` namespace with torch.library.
+
+Each op has a fake (meta) implementation that checks shapes and dtypes, so torch.compile(fullgraph=True)
+traces through it, and real implementations per device: the native `_C` kernels (CPU, CUDA), the Triton
+kernels (linear ops), and the PyTorch reference (`reference.py`) as the fallback for every device.
+Argument validation with user-facing messages happens in `functional.py` before an op is called; the
+checks here guard the raw pointers that cross into `_C`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+from ._backend import linear_path, native_module, use_native
+from ._format import DTYPE_CODES, DYNAMIC_LUT, DYNAMIC_MAP, NESTED_BLOCKSIZE, num_blocks, packed_numel
+
+_tables: dict = {}
+
+
+def _device_table(name: str, device: torch.device) -> Tensor:
+    """DYNAMIC_MAP / DYNAMIC_LUT copied once per device (the kernels read them through raw pointers)."""
+    key = (name, device)
+    if key not in _tables:
+        _tables[key] = {"map": DYNAMIC_MAP, "lut": DYNAMIC_LUT}[name].to(device)
+    return _tables[key]
+
+
+def _launch_args(device: torch.device) -> tuple[str, int]:
+    """The native function suffix and its last argument: CPU thread count, or the current CUDA stream."""
+    if device.type == "cuda":
+        return "_cuda", torch.cuda.current_stream(device).cuda_stream
+    return "_cpu", torch.get_num_threads()
+
+
+def _native(fn: str, device: torch.device):
+    suffix, last = _launch_args(device)
+    f = getattr(native_module(), fn + suffix)
+    return lambda *args: f(*args, last)
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _raise_non_finite(count: int, first: int, shape) -> None:
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), tuple(shape))) if len(shape) else ()
+    raise ValueError(
+        f"w has {count} non-finite value(s) (NaN or inf); the first is at index {index} (flat {first}). "
+        "NF4 cannot represent them: fix or mask the weight before quantizing"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- quantize_nf4
+@torch.library.custom_op("qlora::quantize_nf4", mutates_args=())
+def quantize_nf4(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """w (any shape, f32/f16/bf16) -> packed uint8 [(n + 1) // 2], absmax float32 [ceil(n / blocksize)]."""
+    n = w.numel()
+    if use_native(w.device) and n > 0:
+        flat = w.contiguous().reshape(-1)
+        packed = torch.empty(packed_numel(n), dtype=torch.uint8, device=w.device)
+        absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=w.device)
+        status = torch.tensor([0, n], dtype=torch.int64, device=w.device)
+        _native("quantize_nf4", w.device)(
+            packed.data_ptr(), absmax.data_ptr(), status.data_ptr(), flat.data_ptr(), n, blocksize, DTYPE_CODES[w.dtype]
+        )
+        count, first = status.tolist()
+        if count:
+            _raise_non_finite(count, first, w.shape)
+        return packed, absmax
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        bad = (~finite).reshape(-1)
+        _raise_non_finite(int(bad.sum()), int(bad.nonzero()[0, 0]), w.shape)
+    return ref.quantize_nf4_ref(w, blocksize)
+
+
+@quantize_nf4.register_fake
+def _(w, blocksize):
+    torch._check(w.dtype in DTYPE_CODES, lambda: f"w must be float32/float16/bfloat16, got {w.dtype}")
+    n = w.numel()
+    return (
+        w.new_empty((n + 1) // 2, dtype=torch.uint8),
+        w.new_empty((n + blocksize - 1) // blocksize, dtype=torch.float32),
+    )
+
+
+# --------------------------------------------------------------------------------------------- double_quantize
+@torch.library.custom_op("qlora::double_quantize", mutates_args=())
+def double_quantize(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float32 scales [nb] -> codes uint8 [nb], nested_absmax float32 [ceil(nb / 256)], offset float32 []."""
+    nb = absmax.numel()
+    if nb == 0:  # torch.mean of nothing is NaN; an empty weight gets a zero offset instead
+        return absmax.new_empty(0, dtype=torch.uint8), absmax.new_empty(0), absmax.new_zeros(())
+    absmax = absmax.contiguous()
+    if not use_native(absmax.device):
+        return ref.double_quantize_ref(absmax)
+    offset = absmax.mean()  # torch.mean on the device, exactly as bitsandbytes computes it
+    codes = torch.empty(nb, dtype=torch.uint8, device=absmax.device)
+    nested = torch.empty(num_blocks(nb, NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
+    _native("double_quantize", absmax.device)(
+        codes.data_ptr(), nested.data_ptr(), absmax.data_ptr(), offset.data_ptr(),
+        _device_table("lut", absmax.device).data_ptr(), nb,
+    )
+    return codes, nested, offset
+
+
+@double_quantize.register_fake
+def _(absmax):
+    torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
+    nb = absmax.numel()
+    return (
+        absmax.new_empty(nb, dtype=torch.uint8),
+        absmax.new_empty((nb + NESTED_BLOCKSIZE - 1) // NESTED_BLOCKSIZE),
+        absmax.new_empty(()),
+    )
+
+
+# ------------------------------------------------------------------------------------------- double_dequantize
+@torch.library.custom_op("qlora::double_dequantize", mutates_args=())
+def double_dequantize(codes: Tensor, nested_absmax: Tensor, offset: Tensor) -> Tensor:
+    """codes uint8 [nb], nested_absmax float32, offset float32 [] -> float32 scales [nb]."""
+    nb = codes.numel()
+    if not use_native(codes.device) or nb == 0:
+        return ref.double_dequantize_ref(codes, nested_absmax, offset)
+    out = torch.empty(nb, dtype=torch.float32, device=codes.device)
+    codes, nested_absmax, offset = codes.contiguous(), nested_absmax.contiguous(), offset.contiguous()
+    _native("double_dequantize", codes.device)(
+        out.data_ptr(), codes.data_ptr(), nested_absmax.data_ptr(), offset.data_ptr(),
+        _device_table("map", codes.device).data_ptr(), nb,
+    )
+    return out
+
+
+@double_dequantize.register_fake
+def _(codes, nested_absmax, offset):
+    torch._check(codes.dtype == torch.uint8, lambda: f"codes must be uint8, got {codes.dtype}")
+    return codes.new_empty(codes.numel(), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- dequantize_nf4
+@torch.library.custom_op("qlora::dequantize_nf4", mutates_args=())
+def dequantize_nf4(
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    offset: Optional[Tensor],
+    n: int,
+    blocksize: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Flat [n] values of `dtype`. absmax: float32 scales, or uint8 codes with nested_absmax + offset."""
+    if not use_native(packed.device) or n == 0:
+        return ref.dequantize_nf4_ref(packed, absmax, nested_absmax, offset, n, blocksize, dtype)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    packed, absmax = packed.contiguous(), absmax.contiguous()
+    if nested_absmax is not None:
+        nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
+    _native("dequantize_nf4", packed.device)(
+        out.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _ptr(nested_absmax), _ptr(offset),
+        _device_table("map", packed.device).data_ptr(), n, blocksize, DTYPE_CODES[dtype],
+    )
+    return out
+
+
+@dequantize_nf4.register_fake
+def _(packed, absmax, nested_absmax, offset, n, blocksize, dtype):
+    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
+    torch._check(packed.numel() >= (n + 1) // 2, lambda: f"packed has {packed.numel()} bytes, needs {(n + 1) // 2}")
+    return packed.new_empty(n, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------- pack / unpack
+@torch.library.custom_op("qlora::pack_nf4", mutates_args=())
+def pack_nf4(codes: Tensor) -> Tensor:
+    """uint8 codes [n] (values 0..15) -> packed uint8 [(n + 1) // 2], first code in the high nibble."""
+    n = codes.numel()
+    if not use_native(codes.device) or n == 0:
+        return ref.pack_nf4_ref(codes)
+    codes = codes.contiguous()
+    out = torch.empty(packed_numel(n), dtype=torch.uint8, device=codes.device)
+    _native("pack_nf4", codes.device)(out.data_ptr(), codes.data_ptr(), n)
+    return out
+
+
+@pack_nf4.register_fake
+def _(codes):
+    return codes.new_empty((codes.numel() + 1) // 2, dtype=torch.uint8)
+
+
+@torch.library.custom_op("qlora::unpack_nf4", mutates_args=())
+def unpack_nf4(packed: Tensor, n: int) -> Tensor:
+    """packed uint8 -> codes uint8 [n]."""
+    if not use_native(packed.device) or n == 0:
+        return ref.unpack_nf4_ref(packed, n)
+    packed = packed.contiguous()
+    out = torch.empty(n, dtype=torch.uint8, device=packed.device)
+    _native("unpack_nf4", packed.device)(out.data_ptr(), packed.data_ptr(), n)
+    return out
+
+
+@unpack_nf4.register_fake
+def _(packed, n):
+    torch._check(packed.numel() >= (n + 1) // 2, lambda: f"packed has {packed.numel()} bytes, needs {(n + 1) // 2}")
+    return packed.new_empty(n, dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- linear ops
+def _dequant_matrix(packed, absmax, nested_absmax, offset, n_out, k_in, blocksize, dtype) -> Tensor:
+    return dequantize_nf4(packed, absmax, nested_absmax, offset, n_out * k_in, blocksize, dtype).view(n_out, k_in)
+
+
+@torch.library.custom_op("qlora::nf4_linear", mutates_args=())
+def nf4_linear(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    offset: Optional[Tensor],
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    lora_u: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    scaling: float,
+    bias: Optional[Tensor],
+) -> Tensor:
+    """y [M, N] = x [M, K] @ deq(W)^T + scaling * lora_u [M, r] @ lora_b [N, r]^T + bias [N], in x.dtype.
+
+    The dequantized W lives only inside this call (a scratch buffer on the native/reference paths,
+    registers on the Triton path).
+    """
+    path = linear_path(x.device)
+    if path == "triton":
+        from .triton_kernels import nf4_linear_triton
+
+        return nf4_linear_triton(
+            x, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize,
+            lora_u, lora_b, scaling, bias,
+        )
+    w = _dequant_matrix(packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, x.dtype)
+    y = x @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+    if lora_u is not None:
+        y.addmm_(lora_u.to(x.dtype), lora_b.to(x.dtype).t(), alpha=scaling)
+    return y
+
+
+@nf4_linear.register_fake
+def _(x, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, lora_u, lora_b, scaling, bias):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
+    torch._check(x.shape[1] == in_features, lambda: f"x has {x.shape[1]} features, weight expects {in_features}")
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("qlora::nf4_linear_dx", mutates_args=())
+def nf4_linear_dx(
+    dy: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    offset: Optional[Tensor],
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    lora_g: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    scaling: float,
+) -> Tensor:
+    """dx [M, K] = dy [M, N] @ deq(W) + scaling * lora_g [M, r] @ lora_a [r, K], in dy.dtype."""
+    path = linear_path(dy.device)
+    if path == "triton":
+        from .triton_kernels import nf4_linear_dx_triton
+
+        return nf4_linear_dx_triton(
+            dy, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, lora_g, lora_a, scaling
+        )
+    w = _dequant_matrix(packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, dy.dtype)
+    dx = dy @ w
+    if lora_g is not None:
+        dx.addmm_(lora_g.to(dy.dtype), lora_a.to(dy.dtype), alpha=scaling)
+    return dx
+
+
+@nf4_linear_dx.register_fake
+def _(dy, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, lora_g, lora_a, scaling):
+    torch._check(dy.dim() == 2, lambda: f"dy must be 2-D [M, N], got {dy.dim()}-D")
+    torch._check(dy.shape[1] == out_features, lambda: f"dy has {dy.shape[1]} columns, weight has {out_features} rows")
+    return dy.new_empty(dy.shape[0], in_features)

@@ -1,0 +1,222 @@
+"""NF4Weight: a frozen 4-bit weight in bitsandbytes' NF4 format, with its (double-quantized) scales."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from . import _ops
+from ._format import (
+    DTYPE_FROM_NAME,
+    DTYPE_NAMES,
+    DYNAMIC_MAP,
+    NESTED_BLOCKSIZE,
+    NF4_TABLE,
+    check_blocksize,
+    check_float_dtype,
+    num_blocks,
+)
+
+QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
+_STATE_SUFFIXES = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", "." + QUANT_STATE_KEY)
+
+
+class NF4Weight:
+    """A weight of `shape` stored as NF4 codes and per-block scales.
+
+    Attributes:
+        packed: uint8 [(n + 1) // 2, 1], two codes per byte, first in the high nibble.
+        absmax: float32 [nb] scales, or uint8 [nb] codes of DYNAMIC_MAP when double-quantized.
+        nested_absmax: float32 [ceil(nb / 256)] or None.  offset: float32 [] or None.
+        quant_map: NF4_TABLE (float32 [16]).  nested_quant_map: DYNAMIC_MAP (float32 [256]) or None.
+        shape, dtype (of the original weight), blocksize.
+    """
+
+    def __init__(self, packed, absmax, *, shape, dtype, blocksize, nested_absmax=None, offset=None):
+        self.shape = torch.Size(shape)
+        self.dtype = check_float_dtype(dtype, "dtype")
+        self.blocksize = check_blocksize(blocksize)
+        n = self.numel
+        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+            raise TypeError(f"packed must be a uint8 tensor, got {getattr(packed, 'dtype', type(packed).__name__)}")
+        if packed.numel() < (n + 1) // 2:
+            raise ValueError(
+                f"packed has {packed.numel()} bytes, too short for shape {tuple(self.shape)} ({(n + 1) // 2} needed)"
+            )
+        nb = num_blocks(n, blocksize)
+        if absmax.numel() != nb:
+            raise ValueError(f"absmax must have {nb} elements for {n} values at blocksize {blocksize}, got {absmax.numel()}")
+        if (nested_absmax is None) != (offset is None):
+            raise ValueError("nested_absmax and offset must be given together (double quantization) or not at all")
+        if nested_absmax is None:
+            if absmax.dtype != torch.float32:
+                raise TypeError(f"absmax must be float32 without double quantization, got {absmax.dtype}")
+        else:
+            if absmax.dtype != torch.uint8:
+                raise TypeError(f"absmax must be uint8 codes with double quantization, got {absmax.dtype}")
+            if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != num_blocks(nb, NESTED_BLOCKSIZE):
+                raise ValueError(
+                    f"nested_absmax must be float32 with {num_blocks(nb, NESTED_BLOCKSIZE)} elements, "
+                    f"got {nested_absmax.dtype} with {nested_absmax.numel()}"
+                )
+            offset = torch.as_tensor(offset, dtype=torch.float32, device=absmax.device).reshape(())
+        tensors = [t for t in (packed, absmax, nested_absmax, offset) if t is not None]
+        if len({t.device for t in tensors}) != 1:
+            raise ValueError(f"packed, absmax, nested_absmax and offset must share one device, got {[str(t.device) for t in tensors]}")
+        self.packed = packed.reshape(-1, 1)
+        self.absmax = absmax.reshape(-1)
+        self.nested_absmax = None if nested_absmax is None else nested_absmax.reshape(-1)
+        self.offset = offset
+        self.quant_map = NF4_TABLE.to(packed.device)
+        self.nested_quant_map = None if nested_absmax is None else DYNAMIC_MAP.to(packed.device)
+
+    # ---------------------------------------------------------------------------------------------- basics
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    def tensors(self) -> tuple:
+        """(packed, absmax, nested_absmax, offset): the arguments the ops take."""
+        return self.packed, self.absmax, self.nested_absmax, self.offset
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: packed codes plus scales (the 16- and 256-entry maps are shared constants)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / self.numel if self.numel else 0.0
+
+    def scales(self) -> torch.Tensor:
+        """float32 [nb] block scales (rebuilt from the codes when double-quantized)."""
+        if not self.double_quant:
+            return self.absmax
+        return _ops.double_dequantize(self.absmax, self.nested_absmax, self.offset)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense tensor of `shape` in `dtype` (default: the original dtype)."""
+        dtype = self.dtype if dtype is None else check_float_dtype(dtype, "dtype")
+        flat = _ops.dequantize_nf4(
+            self.packed.view(-1), self.absmax, self.nested_absmax, self.offset, self.numel, self.blocksize, dtype
+        )
+        return flat.view(self.shape)
+
+    def to(self, device) -> "NF4Weight":
+        device = torch.device(device)
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return NF4Weight(
+            move(self.packed), move(self.absmax), shape=self.shape, dtype=self.dtype, blocksize=self.blocksize,
+            nested_absmax=move(self.nested_absmax), offset=move(self.offset),
+        )
+
+    def cuda(self) -> "NF4Weight":
+        return self.to("cuda")
+
+    def cpu(self) -> "NF4Weight":
+        return self.to("cpu")
+
+    def __repr__(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (
+            f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}{dq}, "
+            f"device={self.device}, {self.bits_per_param:.3f} bits/param)"
+        )
+
+    # ----------------------------------------------------------------------------------------- state dicts
+    def quant_state_json(self) -> dict:
+        state = {
+            "quant_type": "nf4",
+            "blocksize": self.blocksize,
+            "dtype": DTYPE_NAMES[self.dtype],
+            "shape": list(self.shape),
+        }
+        if self.double_quant:
+            state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=self.offset.item())
+        return state
+
+    def state_dict(self, prefix: str = "weight") -> dict:
+        """The bitsandbytes Linear4bit keys: `weight`, `weight.absmax`, `weight.quant_map`,
+        (`weight.nested_absmax`, `weight.nested_quant_map` when double-quantized) and
+        `weight.quant_state.bitsandbytes__nf4` (uint8 bytes of the JSON quant state)."""
+        blob = json.dumps(self.quant_state_json()).encode("utf-8")
+        sd = {
+            prefix: self.packed,
+            f"{prefix}.absmax": self.absmax,
+            f"{prefix}.quant_map": self.quant_map,
+        }
+        if self.double_quant:
+            sd[f"{prefix}.nested_absmax"] = self.nested_absmax
+            sd[f"{prefix}.nested_quant_map"] = self.nested_quant_map
+        sd[f"{prefix}.{QUANT_STATE_KEY}"] = torch.tensor(list(blob), dtype=torch.uint8)
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, prefix: str = "weight", strict: bool = True) -> "NF4Weight":
+        """Load the keys written by `state_dict` or by bitsandbytes' Linear4bit (nf4).
+
+        strict: also reject keys under `prefix.` that the format does not know.
+        """
+        key = f"{prefix}.{QUANT_STATE_KEY}"
+        if key not in sd:
+            fp4 = f"{prefix}.quant_state.bitsandbytes__fp4"
+            if fp4 in sd:
+                raise ValueError(f"{fp4}: only nf4 is supported, this state dict holds an fp4 weight")
+            raise KeyError(f"state dict is missing {key!r} (not an NF4 weight saved by bitsandbytes or qlora_kernels)")
+        try:
+            state = json.loads(bytes(sd[key].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{key} is not a UTF-8 JSON quant state: {exc}") from None
+        if state.get("quant_type") != "nf4":
+            raise ValueError(f"{key}: quant_type must be 'nf4', got {state.get('quant_type')!r}")
+        for field in ("blocksize", "dtype", "shape"):
+            if field not in state:
+                raise ValueError(f"{key}: quant state has no {field!r}")
+        double_quant = "nested_offset" in state or f"{prefix}.nested_absmax" in sd
+        required = [prefix, f"{prefix}.absmax"] + ([f"{prefix}.nested_absmax"] if double_quant else [])
+        missing = [k for k in required if k not in sd]
+        if missing:
+            raise KeyError(f"state dict is missing {missing}")
+        if strict:
+            known = {prefix + s for s in _STATE_SUFFIXES}
+            unexpected = [k for k in sd if k.startswith(prefix + ".") and k not in known]
+            if unexpected:
+                raise KeyError(f"unexpected keys for an NF4 weight: {unexpected}")
+        if f"{prefix}.quant_map" in sd and not torch.equal(sd[f"{prefix}.quant_map"].float().cpu(), NF4_TABLE):
+            raise ValueError(f"{prefix}.quant_map is not the NF4 table")
+        if double_quant:
+            if "nested_offset" not in state:
+                raise ValueError(f"{key}: double-quantized weight has no nested_offset")
+            if state.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
+                raise ValueError(f"{key}: nested_blocksize must be {NESTED_BLOCKSIZE}, got {state['nested_blocksize']}")
+            nqm = sd.get(f"{prefix}.nested_quant_map")
+            if nqm is not None and not torch.equal(nqm.float().cpu(), DYNAMIC_MAP):
+                raise ValueError(f"{prefix}.nested_quant_map is not the signed dynamic map")
+        dtype_name = state["dtype"]
+        dtype_name = dtype_name[len("torch."):] if dtype_name.startswith("torch.") else dtype_name
+        if dtype_name not in DTYPE_FROM_NAME:
+            raise ValueError(f"{key}: unsupported dtype {state['dtype']!r}")
+        packed = sd[prefix]
+        if packed.dtype != torch.uint8:
+            raise TypeError(f"{prefix} must hold uint8 packed codes, got {packed.dtype}")
+        absmax = sd[f"{prefix}.absmax"]
+        nested = offset = None
+        if double_quant:
+            nested = sd[f"{prefix}.nested_absmax"].to(absmax.device)
+            offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32, device=absmax.device)
+        return cls(
+            packed, absmax.to(packed.device), shape=state["shape"], dtype=DTYPE_FROM_NAME[dtype_name],
+            blocksize=state["blocksize"],
+            nested_absmax=None if nested is None else nested.to(packed.device),
+            offset=None if offset is None else offset.to(packed.device),
+        )
