@@ -1,0 +1,238 @@
+"""QLoRALinear: a frozen NF4 base weight with trainable LoRA adapters, a drop-in for nn.Linear.
+
+State dict (what `state_dict()` writes and `load_state_dict()` reads):
+    weight, weight.absmax, weight.quant_map, [weight.nested_absmax, weight.nested_quant_map,]
+    weight.quant_state.bitsandbytes__nf4        the base weight under bitsandbytes' Linear4bit keys
+    bias                                        when the layer has one
+    lora_A.weight [r, K], lora_B.weight [N, r]  the adapters, under PEFT's names
+The NF4 tensors are non-persistent buffers (so .to() / .cuda() move them) written and read by
+`_save_to_state_dict` / `_load_from_state_dict`, as bitsandbytes' Linear4bit does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .autograd import _qlora_linear
+from .functional import quantize_nf4
+from .weight import NF4Weight
+
+__all__ = ["QLoRALinear"]
+
+# Buffers holding the NF4 weight; their dtypes are part of the format, so module.to(dtype) must not cast them.
+_NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_nested_absmax", "weight_offset")
+
+
+def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class QLoRALinear(nn.Module):
+    """y = x @ deq(W)^T + scaling * dropout(x) @ A^T @ B^T + bias, with W frozen in NF4.
+
+    Build one with `from_linear` (quantizes an nn.Linear), `from_bnb` (takes over a bitsandbytes
+    Linear4bit's NF4 weight as is) or the constructor (an NF4Weight). Only `lora_A.weight`, `lora_B.weight`
+    (and `bias`, when unfrozen) are parameters.
+
+    Attributes:
+        in_features, out_features, r, lora_alpha, use_rslora, scaling, dropout (probability),
+        lora_A / lora_B: nn.Linear without bias, weights [r, in_features] / [out_features, r].
+        weight: the NF4Weight (a view of the buffers; rebuilt after .to()).
+    """
+
+    def __init__(self, weight: NF4Weight, bias: Optional[Tensor] = None, r: int = 16, alpha: float = 16,
+                 dropout: float = 0.0, use_rslora: bool = False, adapter_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"rank r must be an int >= 1, got {r!r}")
+        if not (0.0 <= float(dropout) < 1.0):
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.blocksize = weight.blocksize
+        self.weight_dtype = weight.dtype
+        self.r = r
+        self.lora_alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = _scaling(self.lora_alpha, r, self.use_rslora)
+        self.dropout = float(dropout)
+        self._set_weight(weight)
+        dtype = adapter_dtype or weight.dtype
+        factory = dict(device=weight.device, dtype=dtype)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape [{self.out_features}], got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().to(device=weight.device, dtype=dtype).clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.reset_lora_parameters()
+
+    # ----------------------------------------------------------------------------------------- builders
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 16, alpha: float = 16, dropout: float = 0.0,
+                    use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True) -> "QLoRALinear":
+        """Quantize `linear.weight` to NF4 (bitsandbytes-identical) and add rank-r adapters (B = 0: a no-op).
+
+        The adapters (and bias) keep linear's dtype and device; the bias stays frozen.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(weight, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+
+    @classmethod
+    def from_bnb(cls, layer, r: int = 16, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False) -> "QLoRALinear":
+        """Take over a bitsandbytes `Linear4bit` (nf4): its packed codes and (double-quantized) scales are
+        used as they are, with no dequantize / requantize. A Linear4bit not yet quantized (bitsandbytes
+        quantizes on the first .to(device)) is quantized here with its blocksize and compress_statistics,
+        which gives the same bits."""
+        weight = nf4_weight_from_bnb(layer)
+        bias = None if layer.bias is None else layer.bias.detach()
+        dtype = getattr(layer, "compute_dtype", None) or weight.dtype
+        return cls(weight, bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=dtype)
+
+    def reset_lora_parameters(self) -> None:
+        """A kaiming-uniform (a = sqrt(5), nn.Linear's default), B zeros: the adapter starts as a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    # ------------------------------------------------------------------------------------------ the weight
+    def _set_weight(self, weight: NF4Weight) -> None:
+        packed, absmax, nested, offset = weight.tensors()
+        for name, t in zip(_NF4_BUFFERS, (packed, absmax, nested, offset)):
+            self.register_buffer(name, t, persistent=False)
+        self._weight_cache = None
+
+    @property
+    def weight(self) -> NF4Weight:
+        """The NF4Weight over this module's buffers (read-only; set a new one with `set_weight`)."""
+        key = tuple(id(getattr(self, n)) for n in _NF4_BUFFERS)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            w = NF4Weight(self.weight_packed, self.weight_absmax, shape=(self.out_features, self.in_features),
+                          dtype=self.weight_dtype, blocksize=self.blocksize,
+                          nested_absmax=self.weight_nested_absmax, offset=self.weight_offset)
+            self._weight_cache = (key, w)
+        return self._weight_cache[1]
+
+    def set_weight(self, weight: NF4Weight) -> None:
+        """Replace the base weight (same shape); it moves to this module's device."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight has shape {tuple(weight.shape)}, this layer is [{self.out_features}, {self.in_features}]"
+            )
+        weight = weight.to(self.weight_packed.device)
+        self.blocksize, self.weight_dtype = weight.blocksize, weight.dtype
+        self._set_weight(weight)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() would cast the float32 scales: apply only the device part of fn to them.
+        saved = {n: self._buffers.pop(n) for n in _NF4_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in saved.items():
+                if t is not None:
+                    moved = fn(t)
+                    t = moved if moved.dtype == t.dtype else t.to(moved.device)
+                self._buffers[n] = t
+        self._weight_cache = None
+        return self
+
+    def merged_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """deq(W) + scaling * B @ A as a dense [N, K] tensor of `dtype` (default: the adapters' dtype).
+
+        For export / inference merging only: it materializes W, which training never does.
+        """
+        dtype = dtype or self.lora_A.weight.dtype
+        with torch.no_grad():
+            w = self.weight.dequantize(torch.float32)
+            w += self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        return w.to(dtype)
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        return _qlora_linear(
+            x, self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset,
+            (self.out_features, self.in_features), self.blocksize, self.lora_A.weight, self.lora_B.weight,
+            self.scaling, self.bias, self.dropout, self.training,
+        )
+
+    def extra_repr(self) -> str:
+        dq = "double_quant" if self.weight_nested_absmax is not None else "single_quant"
+        scale = f"alpha/sqrt(r)" if self.use_rslora else "alpha/r"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"nf4(blocksize={self.blocksize}, {dq}, {self.weight.bits_per_param:.3f} bits/param), "
+            f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g} ({scale}), dropout={self.dropout:g}"
+        )
+
+    # ----------------------------------------------------------------------------------------- state dicts
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, t in self.weight.state_dict(prefix + "weight").items():
+            destination[key] = t if keep_vars else t.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias (the buffers are non-persistent)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        wkey = prefix + "weight"
+        own = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
+        rest = {k: v for k, v in state_dict.items() if k not in own}
+        if wkey not in own:
+            missing_keys.append(wkey)
+        else:
+            try:
+                self._load_weight(own, wkey)
+            except (KeyError, ValueError, TypeError) as exc:
+                error_msgs.append(f"{wkey}: {exc}")
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _load_weight(self, sd: dict, wkey: str) -> None:
+        t = sd[wkey]
+        shape = (self.out_features, self.in_features)
+        if t.is_floating_point():  # an unquantized nn.Linear weight: quantize it like this layer
+            if tuple(t.shape) != shape:
+                raise ValueError(f"float weight has shape {tuple(t.shape)}, this layer is {list(shape)}")
+            extra = [k for k in sd if k != wkey]
+            if extra:
+                raise ValueError(f"a float weight cannot come with quantization keys {extra}")
+            w = quantize_nf4(t.to(self.weight_packed.device), blocksize=self.blocksize,
+                             double_quant=self.weight_nested_absmax is not None)
+        else:
+            w = NF4Weight.from_state_dict(sd, prefix=wkey, strict=True)
+            if tuple(w.shape) != shape:
+                raise ValueError(f"NF4 weight has shape {list(w.shape)}, this layer is {list(shape)}")
+        self.set_weight(w)
+
+
+def nf4_weight_from_bnb(layer) -> NF4Weight:
+    """The NF4Weight of a bitsandbytes Linear4bit (or Params4bit), sharing its tensors."""
+    param = getattr(layer, "weight", layer)
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is None:  # not quantized yet: bitsandbytes would quantize on .to(device); same bits here
+        if getattr(param, "quant_type", "nf4") != "nf4":
+            raise ValueError(f"only nf4 Linear4bit layers are supported, got quant_type={param.quant_type!r}")
+        data = param.data
+        if not data.is_floating_point():
+            raise ValueError("Linear4bit weight holds packed data but no quant_state")
+        return quantize_nf4(data, blocksize=getattr(param, "blocksize", 64),
+                            double_quant=bool(getattr(param, "compress_statistics", True)))
+    if quant_state.quant_type != "nf4":
+        raise ValueError(f"only nf4 Linear4bit layers are supported, got quant_type={quant_state.quant_type!r}")
+    nested = offset = None
+    if quant_state.nested:
+        if quant_state.state2.blocksize != 256:
+            raise ValueError(f"nested blocksize must be 256, got {quant_state.state2.blocksize}")
+        nested, offset = quant_state.state2.absmax, quant_state.offset
+    return NF4Weight(param.data.reshape(-1, 1), quant_state.absmax, shape=tuple(quant_state.shape),
+                     dtype=quant_state.dtype, blocksize=quant_state.blocksize, nested_absmax=nested, offset=offset)

@@ -1,0 +1,249 @@
+"""QLoRALinear: construction, scaling, merged weight, state dicts (bitsandbytes keys), .to(), and agreement with
+bitsandbytes Linear4bit + PEFT LoRA on the same NF4 weight and the same A, B (numerics and saved bytes)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore", message=".*native extension _C not available.*")
+
+from qlora_kernels import QLoRALinear, quantize_nf4  # noqa: E402
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+
+def make_linear(n=48, k=192, bias=True, dtype=torch.float32, seed=0):
+    # K a multiple of the blocksize: bitsandbytes 0.50.2's CPU nf4 dequantize kernel restarts blocks at each
+    # row (the format's blocks run over the flat weight), so it disagrees with the format when K % 64 != 0.
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias).to(dtype)
+
+
+def randomize_adapters(layer, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g) * 0.2)
+        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.2)
+    return layer
+
+
+def test_from_linear_init_and_scaling():
+    lin = make_linear()
+    layer = QLoRALinear.from_linear(lin, r=8, alpha=32)
+    assert layer.scaling == 4.0 and layer.r == 8
+    assert QLoRALinear.from_linear(lin, r=16, alpha=8, use_rslora=True).scaling == pytest.approx(2.0)
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    bound = 1.0 / math.sqrt(lin.in_features)  # kaiming_uniform(a=sqrt(5)) on [r, K]
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.std() > bound / 4
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+    x = torch.randn(5, lin.in_features)
+    expected = x @ layer.weight.dequantize(torch.float32).t() + lin.bias
+    torch.testing.assert_close(layer(x), expected)  # B = 0: the adapter starts as a no-op
+    text = repr(layer)
+    assert "in_features=192, out_features=48" in text and "r=8, alpha=32, scaling=4" in text
+    assert "nf4(blocksize=64, double_quant" in text
+
+
+def test_constructor_errors():
+    w = quantize_nf4(torch.randn(8, 64))
+    with pytest.raises(ValueError, match=r"rank r must be an int >= 1, got 0"):
+        QLoRALinear(w, r=0)
+    with pytest.raises(ValueError, match=r"dropout must be a probability"):
+        QLoRALinear(w, dropout=1.5)
+    with pytest.raises(TypeError, match=r"weight must be an NF4Weight"):
+        QLoRALinear(torch.randn(8, 64))
+    with pytest.raises(TypeError, match=r"linear must be an nn.Linear"):
+        QLoRALinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+def test_merged_weight():
+    layer = randomize_adapters(QLoRALinear.from_linear(make_linear(), r=4, alpha=8))
+    x = torch.randn(6, 192)
+    merged = layer.merged_weight(torch.float32)
+    expected = layer.weight.dequantize(torch.float32) + 2.0 * layer.lora_B.weight @ layer.lora_A.weight
+    torch.testing.assert_close(merged, expected)
+    torch.testing.assert_close(layer(x), x @ merged.t() + layer.bias, rtol=1e-5, atol=1e-5)
+    assert layer.merged_weight(torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_state_dict_keys_and_roundtrip():
+    layer = randomize_adapters(QLoRALinear.from_linear(make_linear(), r=4))
+    sd = layer.state_dict()
+    assert list(sd) == [
+        "weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4", "bias", "lora_A.weight", "lora_B.weight",
+    ]
+    fresh = QLoRALinear.from_linear(make_linear(seed=5), r=4)  # different base and adapters
+    result = fresh.load_state_dict(sd)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(3, 192)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    assert torch.equal(fresh.weight_packed, layer.weight_packed)
+    # a plain nn.Linear state dict loads too (quantized on load, same bits as from_linear)
+    lin = make_linear(seed=9)
+    fresh.load_state_dict(lin.state_dict(), strict=False)
+    assert torch.equal(fresh.weight_packed, QLoRALinear.from_linear(lin).weight_packed)
+
+
+def test_state_dict_errors():
+    layer = QLoRALinear.from_linear(make_linear(), r=4)
+    sd = QLoRALinear.from_linear(make_linear(n=40), r=4).state_dict()
+    with pytest.raises(RuntimeError, match=r"NF4 weight has shape \[40, 192\], this layer is \[48, 192\]"):
+        layer.load_state_dict(sd)
+    sd = layer.state_dict()
+    del sd["weight"], sd["weight.absmax"]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"weight\""):
+        layer.load_state_dict({k: v for k, v in sd.items() if not k.startswith("weight")})
+
+
+def test_state_dict_interop_with_bitsandbytes():
+    lin = make_linear()
+    b4 = bnb.nn.Linear4bit(192, 48, bias=True, compress_statistics=True, quant_type="nf4",
+                           compute_dtype=torch.float32)
+    b4.load_state_dict(lin.state_dict())
+    b4 = b4.to("cpu")  # bitsandbytes quantizes here
+    layer = QLoRALinear.from_linear(lin, r=4)
+    bsd = b4.state_dict()
+    osd = layer.state_dict()
+    for key, t in bsd.items():
+        assert torch.equal(t, osd[key]), key
+    # bitsandbytes -> ours and ours -> bitsandbytes
+    fresh = QLoRALinear.from_linear(make_linear(seed=3), r=4)
+    fresh.load_state_dict(bsd, strict=False)
+    x = torch.randn(4, 192)
+    torch.testing.assert_close(fresh(x), b4(x))
+    # bitsandbytes reads a quantized checkpoint through Params4bit.from_prequantized (as transformers does)
+    b4b = bnb.nn.Linear4bit(192, 48, bias=True, compress_statistics=True, quant_type="nf4",
+                            compute_dtype=torch.float32)
+    stats = {k[len("weight."):]: v for k, v in osd.items() if k.startswith("weight.")}
+    b4b.weight = bnb.nn.Params4bit.from_prequantized(osd["weight"], stats, device="cpu", module=b4b)
+    b4b.bias.data = osd["bias"]
+    torch.testing.assert_close(b4b(x), layer(x))
+
+
+def test_from_bnb_shares_the_nf4_tensors():
+    lin = make_linear()
+    b4 = bnb.nn.Linear4bit(192, 48, bias=True, compress_statistics=True, quant_type="nf4",
+                           compute_dtype=torch.float32)
+    b4.load_state_dict(lin.state_dict())
+    unquantized = QLoRALinear.from_bnb(b4, r=4)  # not yet quantized: quantized here, same bits
+    b4 = b4.to("cpu")
+    layer = QLoRALinear.from_bnb(b4, r=4, alpha=8)
+    assert layer.weight_packed.data_ptr() == b4.weight.data.data_ptr()  # no dequantize / requantize
+    assert torch.equal(unquantized.weight_packed, layer.weight_packed)
+    assert torch.equal(unquantized.weight_absmax, layer.weight_absmax)
+    x = torch.randn(4, 192)
+    torch.testing.assert_close(layer(x), b4(x))
+    fp4 = bnb.nn.Linear4bit(192, 48, quant_type="fp4").to("cpu")
+    with pytest.raises(ValueError, match=r"only nf4"):
+        QLoRALinear.from_bnb(fp4)
+
+
+def test_to_dtype_keeps_the_format():
+    layer = QLoRALinear.from_linear(make_linear(), r=4)
+    packed, absmax = layer.weight_packed.clone(), layer.weight_absmax.clone()
+    nested, offset = layer.weight_nested_absmax.clone(), layer.weight_offset.clone()
+    layer = layer.to(torch.bfloat16)
+    assert layer.lora_A.weight.dtype == layer.bias.dtype == torch.bfloat16
+    assert layer.weight_nested_absmax.dtype == layer.weight_offset.dtype == torch.float32
+    assert torch.equal(layer.weight_nested_absmax, nested) and torch.equal(layer.weight_offset, offset)
+    assert torch.equal(layer.weight_packed, packed) and torch.equal(layer.weight_absmax, absmax)
+    assert layer(torch.randn(2, 192, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    single = QLoRALinear.from_linear(make_linear(), r=4, double_quant=False).half()
+    assert single.weight_absmax.dtype == torch.float32
+    assert layer.to("meta").weight_packed.device.type == "meta"
+
+
+# ------------------------------------------------------------------------------- against bitsandbytes + PEFT
+class Wrap(nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def bnb_peft_layer(lin, layer, dtype):
+    """bitsandbytes Linear4bit (nf4, double quant) + PEFT LoRA holding exactly layer's W, A, B."""
+    b4 = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                           compress_statistics=True, quant_type="nf4", compute_dtype=dtype)
+    b4.load_state_dict(lin.state_dict())
+    b4 = b4.to("cpu")
+    assert torch.equal(b4.weight.data, layer.weight_packed)
+    if b4.bias is not None:
+        b4.bias.data = b4.bias.data.to(dtype)
+    model = peft.get_peft_model(Wrap(b4), peft.LoraConfig(r=layer.r, lora_alpha=layer.lora_alpha,
+                                                         target_modules=["lin"], lora_dropout=0.0))
+    model = model.to(dtype) if dtype != torch.float32 else model
+    lora = model.base_model.model.lin
+    with torch.no_grad():
+        lora.lora_A["default"].weight.data = layer.lora_A.weight.detach().clone()
+        lora.lora_B["default"].weight.data = layer.lora_B.weight.detach().clone()
+    return model, lora
+
+
+def fwd_bwd(module, params, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = module(x)
+    y.backward(dy)
+    return [y.detach(), x.grad] + [p.grad for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_bitsandbytes_peft(dtype):
+    lin = make_linear(n=64, k=192)
+    layer = randomize_adapters(QLoRALinear.from_linear(lin, r=8, alpha=16)).to(dtype)
+    model, lora = bnb_peft_layer(lin, layer, dtype)
+    x = torch.randn(2, 9, 192).to(dtype)
+    dy = torch.randn(2, 9, 64).to(dtype)
+    ours = fwd_bwd(layer, [layer.lora_A.weight, layer.lora_B.weight], x, dy)
+    theirs = fwd_bwd(model, [lora.lora_A["default"].weight, lora.lora_B["default"].weight], x, dy)
+    # float64 truth on the same dequantized W, A, B
+    wd = layer.weight.dequantize(torch.float32).double()
+    a64, b64 = (t.detach().double().requires_grad_() for t in (layer.lora_A.weight, layer.lora_B.weight))
+    x64 = x.double().requires_grad_()
+    y64 = x64 @ wd.t() + layer.scaling * (x64 @ a64.t()) @ b64.t() + layer.bias.double()
+    y64.backward(dy.double())
+    truth = [y64.detach(), x64.grad, a64.grad, b64.grad]
+    for name, o, t, ref in zip(("y", "dx", "dA", "dB"), ours, theirs, truth):
+        assert o.dtype == t.dtype == dtype, name
+        floor = torch.finfo(dtype).eps * ref.abs().max().item()
+        e_ours, e_theirs = (o.double() - ref).abs().max().item(), (t.double() - ref).abs().max().item()
+        assert e_ours <= 2 * e_theirs + floor, f"{name}: {e_ours:.3g} vs bitsandbytes+PEFT {e_theirs:.3g}"
+
+
+def saved_bytes(fn):
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[(s.device, s.data_ptr())] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_bytes_not_above_bitsandbytes_peft(dtype, dropout):
+    lin = make_linear(n=64, k=192)
+    layer = QLoRALinear.from_linear(lin, r=8, alpha=16, dropout=dropout).to(dtype)
+    model, lora = bnb_peft_layer(lin, layer, dtype)
+    if dropout:
+        lora.lora_dropout["default"].p = dropout
+    x = torch.randn(32, 192, dtype=dtype, requires_grad=True)
+    ours = saved_bytes(lambda: layer(x))
+    theirs = saved_bytes(lambda: model(x))
+    assert ours <= theirs
+    u_bytes = 32 * 8 * x.element_size()
+    if dropout == 0.0:
+        assert ours == x.numel() * x.element_size() + u_bytes
