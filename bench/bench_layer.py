@@ -221,7 +221,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="layer 1024x1024, M=128 (a smoke run)")
     parser.add_argument("--no-model", action="store_true", help="skip the model training step")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtypes = args.dtypes.split(",") if args.dtypes else (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
     reps = args.reps or (50 if device.type == "cuda" else 7)
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
         rows += bench_layer(device, dtype, reps=reps, **shape)
         if not args.no_model:
             print(f"model step, {name} ...", flush=True)
-            rows += bench_model(device, dtype, reps=max(3, reps // 2), seq=32 if args.quick else 128)
+            rows += bench_model(device, dtype, reps=max(5, reps // 2), seq=32 if args.quick else 128)
     add_speedups(rows)
     print_table(rows, cols=("case", "impl", "median_ms", "TFLOP/s", "saved_bytes", "saved_vs_bnb", "tokens/s", "speedup"))
     path = write_results("layer", rows, meta, Path(args.out) if args.out else None)

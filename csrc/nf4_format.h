@@ -203,7 +203,7 @@ QK_HD float nf4_value(int c) {
   return (c & 8) ? hi : lo;
 }
 
-// NF4 code of a scaled value in [-1, 1]: the number of midpoints strictly below it (torch.bucketize,
+// NF4 code of a scaled value: the number of midpoints strictly below it (torch.bucketize,
 // right=False), so a value exactly on a midpoint takes the lower code. Branchless (vectorizes / no
 // divergence); NaN compares false everywhere and gives 0 (never a valid input: the caller reports it).
 QK_HD uint8_t nf4_code(float s) {
@@ -212,10 +212,12 @@ QK_HD uint8_t nf4_code(float s) {
   return (uint8_t)c;
 }
 
-// Scaled value of w in a full block: w * (1 / max(absmax, 1e-38)), clamped to [-1, 1]; inv precomputed.
-QK_HD float nf4_scale_full(float w, float inv) { return clamp_unit(f_mul(w, inv)); }
+// Scaled value of w in a full block: w * (1 / max(absmax, 1e-38)); inv precomputed. The reference then
+// clamps to [-1, 1]; that never changes the code (every midpoint lies strictly inside (-1, 1), so s > m_j
+// iff clamp(s) > m_j), and leaving it out lets the host compiler vectorize nf4_code loops.
+QK_HD float nf4_scale_full(float w, float inv) { return f_mul(w, inv); }
 // Partial last block: true division by the stored (clamped) absmax.
-QK_HD float nf4_scale_tail(float w, float absmax_clamped) { return clamp_unit(f_div(w, absmax_clamped)); }
+QK_HD float nf4_scale_tail(float w, float absmax_clamped) { return f_div(w, absmax_clamped); }
 QK_HD float clamp_tiny(float absmax) { return absmax < kTiny ? kTiny : absmax; }
 
 // Nibble packing: first value in the high nibble (bitsandbytes' layout).

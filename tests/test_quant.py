@@ -256,6 +256,13 @@ def test_non_finite_weight_is_reported(bad, backend):
         qk.quantize_nf4(w)
 
 
+def test_huge_scales_refuse_double_quant():
+    w = torch.full((4, 64), 3e38)
+    with pytest.raises(ValueError, match="double_quant=False"):
+        qk.quantize_nf4(w, double_quant=True)
+    assert torch.equal(qk.quantize_nf4(w, double_quant=False).dequantize(), w)
+
+
 def test_device_mix_is_rejected():
     q = qk.quantize_nf4(torch.randn(64, 64))
     with pytest.raises(ValueError, match="share one device"):

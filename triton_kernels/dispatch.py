@@ -15,7 +15,7 @@ Two decisions, both made on the host per call:
 
 Crossover between "fused" and "dequant" (NOT MEASURED: no GPU was available when this was written; the
 numbers below are a roofline model, bench/bench_linear.py measures the real crossover and records it in
-its JSON under "crossover"; replace FUSED_EFFICIENCY with the measured ratio):
+its JSON under "crossover"; put measured values in MEASURED_CROSSOVER or DEVICE_MODEL["fused_eff"]):
 
     fused   = max(2 M N (K + r) / (eta P),  (N K * 4.127/8 + 2 (M K + M N + M r + N r)) / BW)
     dequant = (N K * 4.127/8 + 2 N K) / BW                      dequantize: read 4-bit, write 16-bit W
@@ -25,11 +25,14 @@ its JSON under "crossover"; replace FUSED_EFFICIENCY with the measured ratio):
     P, BW = measured bf16 matmul rate and device copy bandwidth; eta = the fused kernel's fraction of cuBLAS
     throughput on compute-bound shapes (its W tiles are dequantized on the CUDA cores between wgmma issues).
 
-The dequant path pays a fixed ~(N K * 2.5 bytes) / BW plus, per row of x, the LoRA re-read and rewrite
-of y (4 N bytes); the fused path pays (1/eta - 1) * 2 N K / P per row. With H200 numbers (P = 788 TFLOP/s,
-BW = 4.3 TB/s measured there; eta = 0.85 assumed) and N = K = 4096, r = 16: fixed cost 9.8 us + 2 launches,
-per-row costs 3.8 ns (dequant) vs 7.5 ns (fused), so the fused kernel wins below M ~ 4300 and cuBLAS above
-(M = 16384 -> dequant). Without LoRA the crossover drops to M ~ 2100. `crossover_m` evaluates the model.
+The dequant path pays a fixed ~(N K * 2.5 bytes) / BW plus launches, and per row of x the LoRA re-read and
+rewrite of y (4 N bytes / BW); the fused path pays (1/eta - 1) * 2 N K / P per row. With H200 numbers
+(P = 788 TFLOP/s, BW = 4.3 TB/s, both measured on this workplace's H200; eta = 0.85 ASSUMED) `crossover_m`
+gives, for N = K = 4096: M* = 1573 (r = 0), 3558 (r = 16), 3128 (r = 64); 8192 x 8192, r = 16: 1899;
+14336 x 4096, r = 16: 2820. So M <= 16 -> decode, M = 512 -> fused, M = 4096 and 16384 -> dequant + cuBLAS.
+The model is knife-edged near M*: at 4096 x 4096 x 4096 it predicts 206 us fused vs 204 us dequant, so the
+choice there costs little either way, but it flips to "fused" if the kernel reaches eta >= 0.86. Measured
+crossovers go into MEASURED_CROSSOVER, which takes precedence over the model.
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ _C = LaunchConfig
 # (op, capability major, M bucket) -> config. op: "fwd" (BLOCK_N = output columns, BLOCK_K = reduction),
 # "dx" (BLOCK_K = output columns of dx, BLOCK_N = reduction over W's rows), "decode" (M <= 16).
 # M buckets: upper bounds 16, 64, 256, 1024, and None for anything larger. Capability 0 = interpreter.
-# sm_90: 128x128x64 / 128x256x64 tiles so tl.dot lowers to wgmma (one or two warpgroups); BLOCK_K = 64 = the
-# default blocksize, so each W tile row has one scale. Small M: the grid is N / BLOCK_N programs, so
-# BLOCK_N shrinks to keep >= 1 program per SM at N = 4096. Nothing here is tuned on hardware yet.
+# sm_90: 64- and 128-row tiles so tl.dot lowers to wgmma (one warpgroup per 64 rows; checked in the PTX by
+# tests/test_triton_compile.py, which also checks zero spills and the shared-memory limit for every entry);
+# BLOCK_K = 64 = the default blocksize, so each W tile row has one scale. Small M: the grid is N / BLOCK_N
+# programs, so BLOCK_N shrinks to keep >= 1 program per SM at N = 4096. NOT tuned on hardware yet.
 HEURISTICS: dict[tuple, LaunchConfig] = {
     ("fwd", 9, 64): _C(64, 32, 64, 8, 4, 4),
     ("fwd", 9, 256): _C(64, 128, 64, 8, 4, 4),
@@ -103,6 +107,9 @@ DEVICE_MODEL = {
     8: dict(peak_tflops=280.0, copy_gbs=1800.0, fused_eff=0.80, launch_us=3.0),
 }
 DECODE_MAX_M = 16
+# Measured crossovers (from bench/results/linear-*.json "crossover"): (capability, op, N, K) -> the first M at
+# which dequant + cuBLAS beats the fused kernel. Consulted before the model. Empty: nothing measured yet.
+MEASURED_CROSSOVER: dict[tuple, int] = {}
 
 _config_override: Optional[Callable] = None
 _plan_override: Optional[str | Callable] = None
@@ -268,7 +275,9 @@ def plan_linear(op: str, M: int, N: int, K: int, r: int, device: torch.device) -
         return "decode" if small else "fused"
     if small:
         return "decode"
-    return "fused" if M < crossover_m(N, K, r, capability(device)) else "dequant"
+    cap = capability(device)
+    cross = MEASURED_CROSSOVER.get((cap, op, N, K)) or crossover_m(N, K, r, cap)
+    return "fused" if M < cross else "dequant"
 
 
 # ------------------------------------------------------------------------------------------ dispatchers

@@ -29,15 +29,21 @@ def _device_table(name: str, device: torch.device) -> Tensor:
     return _tables[key]
 
 
-def _launch_args(device: torch.device) -> tuple[str, int]:
+# Elements per CPU thread below which the native kernels run on one thread: starting threads on every call
+# right after a torch matmul (whose OpenMP workers are still spinning) cost ~0.5 ms per call in a model step
+# (bench/bench_layer.py: the MiniLM-size dequantize went from ~130 us alone to ~675 us in the step).
+_CPU_GRAIN = 1 << 21
+
+
+def _launch_args(device: torch.device, work: int) -> tuple[str, int]:
     """The native function suffix and its last argument: CPU thread count, or the current CUDA stream."""
     if device.type == "cuda":
         return "_cuda", torch.cuda.current_stream(device).cuda_stream
-    return "_cpu", torch.get_num_threads()
+    return "_cpu", max(1, min(torch.get_num_threads(), work // _CPU_GRAIN))
 
 
-def _native(fn: str, device: torch.device):
-    suffix, last = _launch_args(device)
+def _native(fn: str, device: torch.device, work: int):
+    suffix, last = _launch_args(device, work)
     f = getattr(native_module(), fn + suffix)
     return lambda *args: f(*args, last)
 
@@ -64,7 +70,7 @@ def quantize_nf4(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
         packed = torch.empty(packed_numel(n), dtype=torch.uint8, device=w.device)
         absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=w.device)
         status = torch.tensor([0, n], dtype=torch.int64, device=w.device)
-        _native("quantize_nf4", w.device)(
+        _native("quantize_nf4", w.device, n)(
             packed.data_ptr(), absmax.data_ptr(), status.data_ptr(), flat.data_ptr(), n, blocksize, DTYPE_CODES[w.dtype]
         )
         count, first = status.tolist()
@@ -101,7 +107,7 @@ def double_quantize(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     offset = absmax.mean()  # torch.mean on the device, exactly as bitsandbytes computes it
     codes = torch.empty(nb, dtype=torch.uint8, device=absmax.device)
     nested = torch.empty(num_blocks(nb, NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
-    _native("double_quantize", absmax.device)(
+    _native("double_quantize", absmax.device, nb)(
         codes.data_ptr(), nested.data_ptr(), absmax.data_ptr(), offset.data_ptr(),
         _device_table("lut", absmax.device).data_ptr(), nb,
     )
@@ -128,7 +134,7 @@ def double_dequantize(codes: Tensor, nested_absmax: Tensor, offset: Tensor) -> T
         return ref.double_dequantize_ref(codes, nested_absmax, offset)
     out = torch.empty(nb, dtype=torch.float32, device=codes.device)
     codes, nested_absmax, offset = codes.contiguous(), nested_absmax.contiguous(), offset.contiguous()
-    _native("double_dequantize", codes.device)(
+    _native("double_dequantize", codes.device, nb)(
         out.data_ptr(), codes.data_ptr(), nested_absmax.data_ptr(), offset.data_ptr(),
         _device_table("map", codes.device).data_ptr(), nb,
     )
@@ -159,7 +165,7 @@ def dequantize_nf4(
     packed, absmax = packed.contiguous(), absmax.contiguous()
     if nested_absmax is not None:
         nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
-    _native("dequantize_nf4", packed.device)(
+    _native("dequantize_nf4", packed.device, n)(
         out.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _ptr(nested_absmax), _ptr(offset),
         _device_table("map", packed.device).data_ptr(), n, blocksize, DTYPE_CODES[dtype],
     )
@@ -182,7 +188,7 @@ def pack_nf4(codes: Tensor) -> Tensor:
         return ref.pack_nf4_ref(codes)
     codes = codes.contiguous()
     out = torch.empty(packed_numel(n), dtype=torch.uint8, device=codes.device)
-    _native("pack_nf4", codes.device)(out.data_ptr(), codes.data_ptr(), n)
+    _native("pack_nf4", codes.device, n)(out.data_ptr(), codes.data_ptr(), n)
     return out
 
 
@@ -198,7 +204,7 @@ def unpack_nf4(packed: Tensor, n: int) -> Tensor:
         return ref.unpack_nf4_ref(packed, n)
     packed = packed.contiguous()
     out = torch.empty(n, dtype=torch.uint8, device=packed.device)
-    _native("unpack_nf4", packed.device)(out.data_ptr(), packed.data_ptr(), n)
+    _native("unpack_nf4", packed.device, n)(out.data_ptr(), packed.data_ptr(), n)
     return out
 
 

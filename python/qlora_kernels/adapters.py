@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .model import _name_matches, qlora_modules
-from .nn import QLoRALinear, _scaling
+from .nn import _scaling
 
 __all__ = ["save_adapter", "load_adapter"]
 
@@ -207,4 +207,4 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
                 if dst.shape != v.shape:
                     raise ValueError(f"shape mismatch for {k!r}: adapter {tuple(v.shape)}, model {tuple(dst.shape)}")
                 dst.copy_(v)
-    return {"loaded": [layers_name for layers_name in lora], "modules_to_save": [k for _, h in extra_targets for k in h]}
+    return {"loaded": list(lora), "modules_to_save": [k for _, h in extra_targets for k in h]}

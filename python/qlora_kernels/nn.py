@@ -169,7 +169,7 @@ class QLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         dq = "double_quant" if self.weight_nested_absmax is not None else "single_quant"
-        scale = f"alpha/sqrt(r)" if self.use_rslora else "alpha/r"
+        scale = "alpha/sqrt(r)" if self.use_rslora else "alpha/r"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"nf4(blocksize={self.blocksize}, {dq}, {self.weight.bits_per_param:.3f} bits/param), "
