@@ -87,6 +87,18 @@ def test_dequantize_any_dtype_matches_reference(out_dtype, double_quant, backend
     assert torch.equal(q.dequantize(out_dtype), expect.view(w.shape))
 
 
+def test_dequantize_into_reused_buffer(backend):
+    q = qk.quantize_nf4(_weight((40, 100), torch.float32), blocksize=64)
+    out = torch.full((40, 100), float("nan"), dtype=torch.bfloat16)
+    assert q.dequantize(out=out) is not None and torch.equal(out, q.dequantize(torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be contiguous with 4000 elements"):
+        q.dequantize(out=torch.empty(10, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="disagrees"):
+        q.dequantize(torch.float32, out=out)
+    torch.library.opcheck(torch.ops.qlora.dequantize_nf4_out.default,
+                          (out.view(-1), q.packed.view(-1), q.absmax, q.nested_absmax, q.offset, 4000, 64))
+
+
 def test_adversarial_values_match_reference(backend):
     """Values exactly on NF4 midpoints (times absmax), exactly +-absmax, tiny and huge magnitudes."""
     mids = ((NF4_TABLE[:-1] + NF4_TABLE[1:]) / 2).repeat(4)  # 60 values

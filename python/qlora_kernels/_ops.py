@@ -148,6 +148,20 @@ def _(codes, nested_absmax, offset):
 
 
 # ---------------------------------------------------------------------------------------------- dequantize_nf4
+def _dequantize_into(out, packed, absmax, nested_absmax, offset, n, blocksize) -> None:
+    """Write the flat [n] dequantized values into out (contiguous, of the output dtype)."""
+    if not use_native(packed.device) or n == 0:
+        out.copy_(ref.dequantize_nf4_ref(packed, absmax, nested_absmax, offset, n, blocksize, out.dtype))
+        return
+    packed, absmax = packed.contiguous(), absmax.contiguous()
+    if nested_absmax is not None:
+        nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
+    _native("dequantize_nf4", packed.device, n)(
+        out.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _ptr(nested_absmax), _ptr(offset),
+        _device_table("map", packed.device).data_ptr(), n, blocksize, DTYPE_CODES[out.dtype],
+    )
+
+
 @torch.library.custom_op("qlora::dequantize_nf4", mutates_args=())
 def dequantize_nf4(
     packed: Tensor,
@@ -159,16 +173,8 @@ def dequantize_nf4(
     dtype: torch.dtype,
 ) -> Tensor:
     """Flat [n] values of `dtype`. absmax: float32 scales, or uint8 codes with nested_absmax + offset."""
-    if not use_native(packed.device) or n == 0:
-        return ref.dequantize_nf4_ref(packed, absmax, nested_absmax, offset, n, blocksize, dtype)
     out = torch.empty(n, dtype=dtype, device=packed.device)
-    packed, absmax = packed.contiguous(), absmax.contiguous()
-    if nested_absmax is not None:
-        nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
-    _native("dequantize_nf4", packed.device, n)(
-        out.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _ptr(nested_absmax), _ptr(offset),
-        _device_table("map", packed.device).data_ptr(), n, blocksize, DTYPE_CODES[dtype],
-    )
+    _dequantize_into(out, packed, absmax, nested_absmax, offset, n, blocksize)
     return out
 
 
@@ -177,6 +183,27 @@ def _(packed, absmax, nested_absmax, offset, n, blocksize, dtype):
     torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
     torch._check(packed.numel() >= (n + 1) // 2, lambda: f"packed has {packed.numel()} bytes, needs {(n + 1) // 2}")
     return packed.new_empty(n, dtype=dtype)
+
+
+@torch.library.custom_op("qlora::dequantize_nf4_out", mutates_args=("out",))
+def dequantize_nf4_out(
+    out: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    offset: Optional[Tensor],
+    n: int,
+    blocksize: int,
+) -> None:
+    """dequantize_nf4 into a caller's contiguous buffer of n elements (its dtype is the output dtype):
+    a scratch buffer reused across calls skips the allocation and first-touch page faults."""
+    _dequantize_into(out, packed, absmax, nested_absmax, offset, n, blocksize)
+
+
+@dequantize_nf4_out.register_fake
+def _(out, packed, absmax, nested_absmax, offset, n, blocksize):
+    torch._check(out.numel() == n, lambda: f"out has {out.numel()} elements, needs {n}")
+    return None
 
 
 # ------------------------------------------------------------------------------------------- pack / unpack

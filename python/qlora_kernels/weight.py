@@ -104,13 +104,32 @@ class NF4Weight:
             return self.absmax
         return _ops.double_dequantize(self.absmax, self.nested_absmax, self.offset)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense tensor of `shape` in `dtype` (default: the original dtype)."""
-        dtype = self.dtype if dtype is None else check_float_dtype(dtype, "dtype")
-        flat = _ops.dequantize_nf4(
-            self.packed.view(-1), self.absmax, self.nested_absmax, self.offset, self.numel, self.blocksize, dtype
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense tensor of `shape` in `dtype` (default: the original dtype, or out's dtype).
+
+        out: optional contiguous buffer of `shape` (or of numel elements) on this weight's device to write
+        into, e.g. a scratch buffer reused across calls; it is returned viewed as `shape`.
+        """
+        if out is None:
+            dtype = self.dtype if dtype is None else check_float_dtype(dtype, "dtype")
+            flat = _ops.dequantize_nf4(
+                self.packed.view(-1), self.absmax, self.nested_absmax, self.offset, self.numel, self.blocksize, dtype
+            )
+            return flat.view(self.shape)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        check_float_dtype(out.dtype, "out.dtype")
+        if dtype is not None and dtype != out.dtype:
+            raise TypeError(f"dtype={dtype} disagrees with out.dtype={out.dtype}")
+        if out.numel() != self.numel or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous with {self.numel} elements (shape {tuple(self.shape)}), "
+                             f"got shape {tuple(out.shape)}{'' if out.is_contiguous() else ', non-contiguous'}")
+        if out.device != self.device:
+            raise ValueError(f"out is on {out.device} but the weight is on {self.device}")
+        _ops.dequantize_nf4_out(
+            out.view(-1), self.packed.view(-1), self.absmax, self.nested_absmax, self.offset, self.numel, self.blocksize
         )
-        return flat.view(self.shape)
+        return out.view(self.shape)
 
     def to(self, device) -> "NF4Weight":
         device = torch.device(device)
