@@ -171,7 +171,8 @@ def _plot(path: Path, family: str, rows: list[dict], meta: dict) -> None:
                     ys.append(r["median_ms"])
         ax.bar(xs, ys, width, label=impl)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("median ms (lower is better)")
+    ax.set_yscale("log")  # the alternatives span three orders of magnitude
+    ax.set_ylabel("median ms, log scale (lower is better)")
     ax.set_title(f"{family} on {meta['device']}")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -193,7 +193,6 @@ def main() -> None:
 # ------------------------------------------------------------------------------------------------- test
 def _run_worker():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
     res = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
