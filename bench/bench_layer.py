@@ -33,21 +33,9 @@ except ImportError:  # run as a script from bench/
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 
+from qlora_kernels.memory import saved_for_backward_bytes  # noqa: E402
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def saved_bytes(fn) -> int:
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[(s.device, s.data_ptr())] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
 
 
 def time_interleaved(fns: dict, device, warmup: int, reps: int) -> dict:
@@ -141,7 +129,7 @@ def bench_layer(device, dtype, n=4096, k=4096, m=512, r=16, reps=10, warmup=2) -
     timings = time_interleaved({name: make_step(mod) for name, mod in impls.items()}, device, warmup, reps)
     for name, module in impls.items():
         row = {"case": case, "impl": name, "dtype": str(dtype), **timings[name],
-               "saved_bytes": saved_bytes(lambda: module(x))}
+               "saved_bytes": saved_for_backward_bytes(lambda: module(x))[0]}
         rows.append(with_rates(row, flops=flops))
     del impls
     gc.collect()
@@ -196,7 +184,7 @@ def bench_model(device, dtype, batch=4, seq=128, r=16, reps=5, warmup=2) -> list
     timings = time_interleaved({name: make_step(m) for name, m in models.items()}, device, warmup, reps)
     for name, model in models.items():
         t = timings[name]
-        nbytes = saved_bytes(lambda: model(input_ids=ids, labels=ids).loss)
+        nbytes = saved_for_backward_bytes(lambda: model(input_ids=ids, labels=ids).loss)[0]
         rows.append({"case": case, "impl": name, "dtype": str(dtype), **t, "saved_bytes": nbytes,
                      "tokens/s": batch * seq / (t["median_ms"] / 1e3)})
     del models

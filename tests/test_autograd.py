@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", message=".*native extension _C not available.*
 import qlora_kernels as qk  # noqa: E402
 from qlora_kernels import QLoRALinearFunction, qlora_linear, quantize_nf4  # noqa: E402
 from qlora_kernels.autograd import _pack_mask, _unpack_mask  # noqa: E402
+from qlora_kernels.memory import saved_for_backward_bytes  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -125,29 +126,15 @@ def test_mask_packing_roundtrip():
         assert torch.equal(_unpack_mask(bits, shape, torch.float32), mask.float())
 
 
-def saved_bytes(fn):
-    """Bytes of the unique storages autograd saves for backward while fn() runs (and fn's output)."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[(s.device, s.data_ptr())] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_saved_bytes_are_x_and_u(dtype):
     weight, x, a, b, bb = make_case(m=16, dtype=dtype, r=4)
-    nbytes, y = saved_bytes(lambda: qlora_linear(x, weight, a, b, 0.5, bb))
+    nbytes, y = saved_for_backward_bytes(lambda: qlora_linear(x, weight, a, b, 0.5, bb))
     x_bytes = x.numel() * x.element_size()
     u_bytes = x.shape[0] * a.shape[0] * x.element_size()
     assert nbytes == x_bytes + u_bytes
     # with dropout: dropout(x), U and the keep-mask at one bit per element
-    nbytes, _ = saved_bytes(lambda: qlora_linear(x, weight, a, b, 0.5, bb, dropout=0.1))
+    nbytes, _ = saved_for_backward_bytes(lambda: qlora_linear(x, weight, a, b, 0.5, bb, dropout=0.1))
     assert nbytes == x_bytes + u_bytes + (x.numel() + 7) // 8
 
 
@@ -157,13 +144,13 @@ def test_grads_only_where_asked(monkeypatch):
     real = torch.ops.qlora.nf4_linear_dx
     monkeypatch.setattr(qk.autograd._ops, "nf4_linear_dx", lambda *args: calls.append(1) or real(*args))
     x0 = x.detach()  # no grad for x: the dx op must not run, x must not be needed beyond dA
-    nbytes, y = saved_bytes(lambda: qlora_linear(x0, weight, a, b.detach(), 0.5, None))
+    nbytes, y = saved_for_backward_bytes(lambda: qlora_linear(x0, weight, a, b.detach(), 0.5, None))
     assert nbytes == x0.numel() * 4  # only x (for dA); no U since B is frozen
     y.sum().backward()
     assert calls == [] and a.grad is not None and b.grad is None
     # B only: U is saved, x is not
     a.grad = None
-    nbytes, y = saved_bytes(lambda: qlora_linear(x0, weight, a.detach(), b, 0.5, None))
+    nbytes, y = saved_for_backward_bytes(lambda: qlora_linear(x0, weight, a.detach(), b, 0.5, None))
     assert nbytes == x0.shape[0] * a.shape[0] * 4
     y.sum().backward()
     assert b.grad is not None and a.grad is None and calls == []

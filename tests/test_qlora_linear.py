@@ -13,6 +13,7 @@ from torch import nn
 warnings.filterwarnings("ignore", message=".*native extension _C not available.*")
 
 from qlora_kernels import QLoRALinear, quantize_nf4  # noqa: E402
+from qlora_kernels.memory import saved_for_backward_bytes  # noqa: E402
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -219,19 +220,6 @@ def test_matches_bitsandbytes_peft(dtype):
         assert e_ours <= 2 * e_theirs + floor, f"{name}: {e_ours:.3g} vs bitsandbytes+PEFT {e_theirs:.3g}"
 
 
-def saved_bytes(fn):
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[(s.device, s.data_ptr())] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_saved_bytes_not_above_bitsandbytes_peft(dtype, dropout):
@@ -241,8 +229,8 @@ def test_saved_bytes_not_above_bitsandbytes_peft(dtype, dropout):
     if dropout:
         lora.lora_dropout["default"].p = dropout
     x = torch.randn(32, 192, dtype=dtype, requires_grad=True)
-    ours = saved_bytes(lambda: layer(x))
-    theirs = saved_bytes(lambda: model(x))
+    ours, _ = saved_for_backward_bytes(lambda: layer(x))
+    theirs, _ = saved_for_backward_bytes(lambda: model(x))
     assert ours <= theirs
     u_bytes = 32 * 8 * x.element_size()
     if dropout == 0.0:
