@@ -3,7 +3,6 @@ and the LoRA + bias epilogue (a jit helper) that the forward, dx and decode kern
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -11,22 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._format import DYNAMIC_MAP, NF4_TABLE
-
-_tables: dict = {}
-
-
-def device_tables(device: torch.device) -> tuple[Tensor, Tensor]:
-    """(NF4_TABLE, DYNAMIC_MAP) as float32 on `device`, copied once per device."""
-    key = str(device)
-    if key not in _tables:
-        _tables[key] = (NF4_TABLE.to(device), DYNAMIC_MAP.to(device))
-    return _tables[key]
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+from .._backend import triton_interpreting
+from .._format import device_table
 
 def weight_flags(n_out: int, k_in: int, blocksize: int, nested_absmax: Optional[Tensor]) -> dict:
     """Constexprs that describe the weight layout (see nf4_tile)."""
@@ -43,7 +28,7 @@ def dtype_flags(dtype: torch.dtype) -> dict:
     The interpreter gets bfloat16 arithmetic wrong: there loaded bf16 values are upcast to fp32 first."""
     return dict(
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        UPCAST=interpreting() and dtype == torch.bfloat16,
+        UPCAST=triton_interpreting() and dtype == torch.bfloat16,
     )
 
 
@@ -54,7 +39,7 @@ def r_pad(r: int) -> int:
 
 def weight_args(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], offset: Optional[Tensor], device):
     """The six pointer arguments every kernel takes after its activations; unused ones alias absmax."""
-    nf4, dmap = device_tables(device)
+    nf4, dmap = device_table("nf4", device), device_table("map", device)
     packed = packed.reshape(-1)
     absmax = absmax.reshape(-1)
     if nested_absmax is None:

@@ -114,3 +114,15 @@ def num_blocks(n: int, blocksize: int) -> int:
 
 def packed_numel(n: int) -> int:
     return (n + 1) // 2
+
+
+_device_tables: dict = {}
+
+
+def device_table(name: str, device) -> torch.Tensor:
+    """NF4_TABLE ("nf4"), DYNAMIC_MAP ("map") or DYNAMIC_LUT ("lut") on `device`, copied once per device:
+    the native and Triton kernels read them through raw pointers on every call."""
+    key = (name, torch.device(device))
+    if key not in _device_tables:
+        _device_tables[key] = {"nf4": NF4_TABLE, "map": DYNAMIC_MAP, "lut": DYNAMIC_LUT}[name].to(device)
+    return _device_tables[key]

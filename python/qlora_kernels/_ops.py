@@ -16,18 +16,7 @@ from torch import Tensor
 
 from . import reference as ref
 from ._backend import linear_path, native_module, use_native
-from ._format import DTYPE_CODES, DYNAMIC_LUT, DYNAMIC_MAP, NESTED_BLOCKSIZE, num_blocks, packed_numel
-
-_tables: dict = {}
-
-
-def _device_table(name: str, device: torch.device) -> Tensor:
-    """DYNAMIC_MAP / DYNAMIC_LUT copied once per device (the kernels read them through raw pointers)."""
-    key = (name, device)
-    if key not in _tables:
-        _tables[key] = {"map": DYNAMIC_MAP, "lut": DYNAMIC_LUT}[name].to(device)
-    return _tables[key]
-
+from ._format import DTYPE_CODES, NESTED_BLOCKSIZE, device_table, num_blocks, packed_numel
 
 # Elements per CPU thread below which the native kernels run on one thread: starting threads on every call
 # right after a torch matmul (whose OpenMP workers are still spinning) cost ~0.5 ms per call in a model step
@@ -109,7 +98,7 @@ def double_quantize(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     nested = torch.empty(num_blocks(nb, NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
     _native("double_quantize", absmax.device, nb)(
         codes.data_ptr(), nested.data_ptr(), absmax.data_ptr(), offset.data_ptr(),
-        _device_table("lut", absmax.device).data_ptr(), nb,
+        device_table("lut", absmax.device).data_ptr(), nb,
     )
     return codes, nested, offset
 
@@ -136,7 +125,7 @@ def double_dequantize(codes: Tensor, nested_absmax: Tensor, offset: Tensor) -> T
     codes, nested_absmax, offset = codes.contiguous(), nested_absmax.contiguous(), offset.contiguous()
     _native("double_dequantize", codes.device, nb)(
         out.data_ptr(), codes.data_ptr(), nested_absmax.data_ptr(), offset.data_ptr(),
-        _device_table("map", codes.device).data_ptr(), nb,
+        device_table("map", codes.device).data_ptr(), nb,
     )
     return out
 
@@ -158,7 +147,7 @@ def _dequantize_into(out, packed, absmax, nested_absmax, offset, n, blocksize) -
         nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
     _native("dequantize_nf4", packed.device, n)(
         out.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _ptr(nested_absmax), _ptr(offset),
-        _device_table("map", packed.device).data_ptr(), n, blocksize, DTYPE_CODES[out.dtype],
+        device_table("map", packed.device).data_ptr(), n, blocksize, DTYPE_CODES[out.dtype],
     )
 
 
