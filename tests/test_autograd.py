@@ -257,13 +257,23 @@ def test_rank_zero():
 
 
 def test_dtype_mixes():
+    """Adapters of another float dtype are cast to x's dtype for the compute (float32 masters on a bf16
+    model); their gradients come back in their own dtype. Non-float adapters are refused."""
     weight, x, a, b, bb = make_case()
-    with pytest.raises(TypeError, match=r"lora_A has dtype torch.bfloat16 but x has dtype torch.float32"):
-        qlora_linear(x, weight, a.bfloat16(), b, 0.5)
-    with pytest.raises(TypeError, match=r"lora_B has dtype torch.float16 but x has dtype torch.float32"):
-        qlora_linear(x, weight, a, b.half(), 0.5)
-    with pytest.raises(TypeError, match=r"bias has dtype torch.bfloat16"):
-        qlora_linear(x, weight, a, b, 0.5, bb.bfloat16())
+    b = torch.randn_like(b)
+    a16 = a.detach().bfloat16().requires_grad_()
+    b16 = b.detach().half().requires_grad_()
+    y = qlora_linear(x, weight, a16, b16, 0.5, bb.bfloat16())
+    y_same = qlora_linear(x, weight, a16.detach().float(), b16.detach().float(), 0.5, bb.bfloat16().float())
+    assert y.dtype == torch.float32
+    assert torch.equal(y, y_same)
+    y.sum().backward()
+    assert a16.grad.dtype == torch.bfloat16 and b16.grad.dtype == torch.float16
+    assert a16.grad.abs().sum() > 0 and b16.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match=r"lora_A must be float32, float16 or bfloat16, got torch.float64"):
+        qlora_linear(x, weight, a.double(), b, 0.5)
+    with pytest.raises(TypeError, match=r"lora_B must be float32, float16 or bfloat16, got torch.int64"):
+        qlora_linear(x, weight, a, b.long(), 0.5)
     with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16, got torch.float64"):
         qlora_linear(x.double(), weight, a.double(), b.double(), 0.5)
     with pytest.raises(TypeError, match=r"weight must be an NF4Weight"):

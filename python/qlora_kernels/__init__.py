@@ -32,8 +32,8 @@ __all__ = [
 # --- training layer (autograd, nn modules, model preparation, adapters) ---
 from .autograd import QLoRALinearFunction, qlora_linear  # noqa: E402
 from .nn import QLoRALinear  # noqa: E402
-from .model import PrepareReport, prepare_model  # noqa: E402
+from .model import PrepareReport, merge_and_unload, prepare_model  # noqa: E402
 from .adapters import load_adapter, save_adapter  # noqa: E402
 
 __all__ += ["QLoRALinearFunction", "qlora_linear", "QLoRALinear", "prepare_model", "PrepareReport",
-            "save_adapter", "load_adapter"]
+            "merge_and_unload", "save_adapter", "load_adapter"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 USAGE = """usage: python -m qlora_kernels <command> [options]
@@ -14,6 +16,45 @@ commands:
           --out DIR (keep the adapter) --device cpu|cuda --seed S
   info    print which backends are live (native CPU / CUDA kernels, Triton, reference) and versions
 """
+
+
+def _positive(kind, name):
+    """argparse type: a number of `kind` > 0, with an error naming the option."""
+    what = "an integer" if kind is int else "a finite number"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{name} must be {what} > 0, got {text!r}")
+        return value
+    return parse
+
+
+def _device(text):
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"--device must be cpu or cuda[:N], got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"--device must be cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"--device {text}: no CUDA device is visible to torch {torch.__version__}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return str(device)
+
+
+def _out_dir(text):
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"--out {text!r} exists and is not a directory")
+    return text
 
 
 def main(argv=None) -> int:
@@ -32,13 +73,13 @@ def main(argv=None) -> int:
         return 0
     if command == "demo":
         parser = argparse.ArgumentParser(prog="python -m qlora_kernels demo")
-        parser.add_argument("--steps", type=int, default=30)
-        parser.add_argument("--batch-size", type=int, default=32)
-        parser.add_argument("--r", type=int, default=8)
-        parser.add_argument("--alpha", type=float, default=16)
-        parser.add_argument("--lr", type=float, default=3e-3)
-        parser.add_argument("--out", default=None, help="directory to keep the saved adapter in")
-        parser.add_argument("--device", default=None)
+        parser.add_argument("--steps", type=_positive(int, "--steps"), default=30)
+        parser.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=32)
+        parser.add_argument("--r", type=_positive(int, "--r"), default=8)
+        parser.add_argument("--alpha", type=_positive(float, "--alpha"), default=16)
+        parser.add_argument("--lr", type=_positive(float, "--lr"), default=3e-3)
+        parser.add_argument("--out", type=_out_dir, default=None, help="directory to keep the saved adapter in")
+        parser.add_argument("--device", type=_device, default=None)
         parser.add_argument("--seed", type=int, default=0)
         args = parser.parse_args(rest)
         from .demo import run

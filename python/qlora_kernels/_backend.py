@@ -98,16 +98,28 @@ def linear_path(device: torch.device) -> str:
 
 
 def backend_info() -> dict:
-    """What is live: native CPU, native CUDA (and its compiled architectures), Triton, the reference; versions."""
+    """What is compiled and what is usable on this machine, and versions.
+
+    native_cpu: the native CPU kernels load; cpu_isa: the SIMD path they run ("avx512", "avx2" or "scalar"),
+    cpu_isas_supported: the paths this CPU can run. native_cuda_compiled: _C holds CUDA kernels (cuda_archs);
+    native_cuda: they are compiled AND a CUDA device is visible, so CUDA tensors use them. triton: the
+    installed version (None without it); triton_usable: a CUDA device or the interpreter can run its kernels.
+    """
     mod = native_module()
+    cuda_visible = torch.cuda.is_available()
+    compiled_cuda = bool(mod is not None and mod.has_cuda())
     info = {
         "backend": get_backend(),
         "torch": torch.__version__,
         "native_cpu": mod is not None,
-        "native_cuda": bool(mod is not None and mod.has_cuda()),
+        "cpu_isa": mod.cpu_isa() if mod is not None else None,
+        "cpu_isas_supported": list(mod.cpu_isas_supported()) if mod is not None else [],
+        "native_cuda_compiled": compiled_cuda,
+        "native_cuda": compiled_cuda and cuda_visible,
         "cuda_archs": list(mod.cuda_archs()) if mod is not None else [],
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda_device": torch.cuda.get_device_name() if cuda_visible else None,
         "triton": None,
+        "triton_usable": triton_available() and (cuda_visible or triton_interpreting()),
         "triton_interpreter": triton_interpreting(),
         "reference": True,
     }

@@ -91,9 +91,14 @@ def double_quantize(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if nb == 0:  # torch.mean of nothing is NaN; an empty weight gets a zero offset instead
         return absmax.new_empty(0, dtype=torch.uint8), absmax.new_empty(0), absmax.new_zeros(())
     absmax = absmax.contiguous()
+    offset = absmax.mean()  # torch.mean on the device, exactly as bitsandbytes computes it
+    if not bool(torch.isfinite(offset)):  # every backend: bitsandbytes would silently store NaN scales
+        raise ValueError(
+            "the block scales are too large to double-quantize (their float32 mean overflows, or one is not "
+            "finite); quantize with double_quant=False"
+        )
     if not use_native(absmax.device):
         return ref.double_quantize_ref(absmax)
-    offset = absmax.mean()  # torch.mean on the device, exactly as bitsandbytes computes it
     codes = torch.empty(nb, dtype=torch.uint8, device=absmax.device)
     nested = torch.empty(num_blocks(nb, NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
     _native("double_quantize", absmax.device, nb)(

@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .model import _name_matches, qlora_modules
+from .model import _name_matches, qlora_modules, unwrap_model
 from .nn import _scaling
 
 __all__ = ["save_adapter", "load_adapter"]
@@ -46,6 +46,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], modules_to_sav
     """
     from safetensors.torch import save_file
 
+    model = unwrap_model(model)  # torch.compile / DDP wrappers would prefix every path (_orig_mod., module.)
     layers = qlora_modules(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no QLoRALinear layer: call prepare_model first")
@@ -136,6 +137,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
         raise ValueError(f"{cfg_path}: DoRA adapters (use_dora=true) are not supported")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         raise ValueError(f"{cfg_path}: adapters with trained biases (bias={config.get('bias')!r}) are not supported")
+    model = unwrap_model(model)
     layers = qlora_modules(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no QLoRALinear layer: call prepare_model before load_adapter")

@@ -174,11 +174,12 @@ def _qlora_linear(x, packed, absmax, nested_absmax, offset, weight_shape, blocks
         if x.dtype not in _ACT_DTYPES:
             raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
         for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
-            if t is not None and t.dtype != x.dtype:
-                raise TypeError(
-                    f"{name} has dtype {t.dtype} but x has dtype {x.dtype}: cast the adapters to the "
-                    f"activation dtype (e.g. module.to({x.dtype})) or run under torch.autocast"
-                )
+            if t is not None and t.dtype not in _ACT_DTYPES:
+                raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        # Float32 master adapters on a half-precision model: compute in x's dtype; the cast's backward
+        # hands float32 gradients to the float32 parameters, so small updates are not rounded away.
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
     if x.dtype not in _ACT_DTYPES:
         raise TypeError(f"autocast dtype must be float32, float16 or bfloat16, got {x.dtype}")
     lead = x.shape[:-1]
@@ -213,7 +214,8 @@ def qlora_linear(
         scaling: s (alpha / r, or alpha / sqrt(r) for rsLoRA).
         dropout: probability p in [0, 1) applied to x on the adapter path only (when training).
     Dtypes: under torch.autocast, x, A, B and bias are cast to the autocast dtype; otherwise A, B and bias
-        must have x's dtype (a mismatch raises TypeError naming the argument).
+        (any float dtype, e.g. float32 masters on a bf16 model) are cast to x's dtype for the compute, and
+        their gradients come back in their own dtype.
     Returns:
         y [..., N] in x's (compute) dtype. Gradients flow to x, lora_A, lora_B and bias as they require.
     Raises:

@@ -46,12 +46,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     packed, absmax = _ops.quantize_nf4(w, blocksize)
     nested_absmax = offset = None
     if double_quant:
-        absmax, nested_absmax, offset = _ops.double_quantize(absmax)
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(offset)):
-            raise ValueError(
-                "w's block scales are too large to double-quantize (their float32 mean overflows); "
-                "use double_quant=False"
-            )
+        absmax, nested_absmax, offset = _ops.double_quantize(absmax)  # raises when the scales overflow
     return NF4Weight(
         packed.view(-1, 1), absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
         nested_absmax=nested_absmax, offset=offset,

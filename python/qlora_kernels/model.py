@@ -5,15 +5,18 @@ from __future__ import annotations
 import math
 import re
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
 
-from .nn import QLoRALinear
+from ._format import FLOAT_DTYPES, check_blocksize
+from .nn import QLoRALinear, check_lora_args
 
-__all__ = ["prepare_model", "PrepareReport", "find_target_modules", "qlora_modules", "model_memory", "count_parameters"]
+__all__ = ["prepare_model", "PrepareReport", "find_target_modules", "qlora_modules", "model_memory",
+           "count_parameters", "merge_and_unload", "unwrap_model"]
 
 
 def _is_bnb_4bit(module: nn.Module) -> bool:
@@ -29,9 +32,29 @@ def _name_matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under torch.compile's OptimizedModule and DistributedDataParallel wrappers, whose module
+    paths are the model's own (what PEFT and saved adapters name)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile(model)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def module_path(name: str) -> str:
+    """`name` without the `_orig_mod` segments that compiling a submodule in place of itself inserts."""
+    return ".".join(p for p in name.split(".") if p != "_orig_mod")
+
+
 def qlora_modules(model: nn.Module) -> dict[str, QLoRALinear]:
-    """{module path: QLoRALinear} of a prepared model, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    """{module path: QLoRALinear} of a prepared model, in module order. Paths are those of the model under
+    any torch.compile / DDP wrapper (no `_orig_mod.` or `module.` prefix)."""
+    model = unwrap_model(model)
+    return {module_path(name): m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
 
 
 def find_target_modules(model: nn.Module, target_modules: Union[str, Iterable[str]] = "all-linear",
@@ -42,7 +65,10 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, Iterable[st
         modules named lm_head), another str (a regex the full path must match, as in PEFT), or names (a module
         matches one when its path equals it or ends with "." + it).
     exclude_modules: names (same suffix rule) never replaced.
+    Layers that are QLoRALinear already (a second prepare_model call) are never returned, nor their adapters'
+    own lora_A / lora_B; when they are all that matches, the result is empty instead of an error.
     """
+    model = unwrap_model(model)
     exclude = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules)
     all_linear = target_modules == "all-linear"
     if isinstance(target_modules, str) and not all_linear:
@@ -64,11 +90,18 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, Iterable[st
                 head = get_out()
             except Exception:  # some HF models raise NotImplementedError
                 head = None
-    found, linear_names = [], []
+    found, linear_names, prepared_matches = [], [], []
     parents_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                    for c, _ in m.named_children()}
+    prepared = [n for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
     for name, module in model.named_modules():
-        if isinstance(module, QLoRALinear) or not name:
+        if not name:
+            continue
+        if isinstance(module, QLoRALinear):  # prepared already: left alone, but it counts as a match
+            if match(name) and not any(_name_matches(name, e) for e in exclude):
+                prepared_matches.append(name)
+            continue
+        if any(name.startswith(p + ".") for p in prepared):  # the adapters' own lora_A / lora_B
             continue
         is_4bit = _is_bnb_4bit(module)
         if not (is_4bit or isinstance(module, nn.Linear)) or (_is_other_bnb(module) and not is_4bit):
@@ -80,7 +113,7 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, Iterable[st
             continue
         if match(name):
             found.append(name)
-    if not found:
+    if not found and not prepared_matches:
         shown = ", ".join(linear_names[:12]) + (" ..." if len(linear_names) > 12 else "")
         raise ValueError(
             f"target_modules={target_modules!r} matched no nn.Linear / Linear4bit module of "
@@ -137,6 +170,8 @@ class PrepareReport:
     bits_per_param: float = 0.0
     r: int = 0
     alpha: float = 0.0
+    adapter_dtype: str = "float32"
+    already_prepared: list = field(default_factory=list)  # QLoRALinear layers left as they were
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -146,15 +181,35 @@ class PrepareReport:
 
     def __str__(self) -> str:
         mib = lambda b: b / 2**20  # noqa: E731
+        if not self.replaced and self.already_prepared:
+            return (f"prepare_model: the model is already prepared ({len(self.already_prepared)} QLoRALinear "
+                    f"layers, left as they are); no new target to adapt")
         return (
             f"prepare_model: {len(self.replaced)} Linear layers -> QLoRALinear (NF4 {self.bits_per_param:.3f} "
-            f"bits/param, r={self.r}, alpha={self.alpha:g})\n"
+            f"bits/param, r={self.r}, alpha={self.alpha:g}, {self.adapter_dtype} adapters)\n"
             f"  parameters: {self.params_before:,} before, {self.params_after:,} after "
             f"({self.quantized_params:,} in NF4; trainable {self.trainable_params:,} = "
             f"{100.0 * self.trainable_params / max(1, self.params_after):.2f}%)\n"
             f"  memory:     {mib(self.bytes_before):.2f} MiB before, {mib(self.bytes_after):.2f} MiB after "
             f"({self.bytes_before / max(1, self.bytes_after):.2f}x smaller)"
         )
+
+
+def _check_target(name: str, module: nn.Module) -> None:
+    """Refuse a target whose weight cannot become NF4, before prepare_model changes anything."""
+    if _is_bnb_4bit(module):
+        qs = getattr(module.weight, "quant_state", None)
+        qtype = qs.quant_type if qs is not None else getattr(module.weight, "quant_type", "nf4")
+        if qtype != "nf4":
+            raise ValueError(f"{name}: only nf4 Linear4bit layers are supported, got quant_type={qtype!r}")
+        return
+    w = module.weight
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}.weight must be float32, float16 or bfloat16 to quantize, got {w.dtype}")
+    if w.device.type == "meta":
+        raise ValueError(f"{name}.weight is on the meta device (no values to quantize): load the weights first")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name}.weight has non-finite values (NaN or inf): NF4 cannot represent them")
 
 
 def prepare_model(
@@ -168,6 +223,7 @@ def prepare_model(
     double_quant: bool = True,
     exclude_modules: Iterable[str] = (),
     train_bias: bool = False,
+    adapter_dtype: Optional[torch.dtype] = torch.float32,
     verbose: bool = True,
     progress: Optional[bool] = None,
 ) -> PrepareReport:
@@ -177,32 +233,62 @@ def prepare_model(
     The base weights are quantized to NF4 on their current device (bitsandbytes Linear4bit weights are taken
     over as they are). Target matching: see `find_target_modules`.
 
+    Every argument and every target weight is checked before the model is touched: a rejected call leaves
+    the model as it was. A second call leaves layers prepared earlier as they are (their adapters, settings
+    and trainability) and adapts only new targets; it says so when there is nothing new to adapt.
+
     Args:
         r, alpha, dropout, use_rslora: the adapters (scaling alpha / r, or alpha / sqrt(r) with rsLoRA).
         blocksize, double_quant: the NF4 format (64 and True: 4.127 bits per parameter).
+        adapter_dtype: the adapters' storage dtype: float32 (default, as PEFT: a bf16 adapter loses most small
+            updates), or None for each base weight's dtype. The adapter math runs in the activation dtype.
         verbose: print the report. progress: tqdm bar while quantizing (default: when verbose).
     Returns:
         PrepareReport: replaced module paths, parameters and memory before / after.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # module paths as PEFT names them, also under torch.compile / DDP
+    check_lora_args(r, alpha, dropout, adapter_dtype)
+    check_blocksize(blocksize)
+    for name, flag in (("double_quant", double_quant), ("use_rslora", use_rslora), ("train_bias", train_bias)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     names = find_target_modules(model, target_modules, exclude_modules)
-    report = PrepareReport(r=r, alpha=float(alpha))
+    for name in names:
+        _check_target(name, model.get_submodule(name))
+    earlier = qlora_modules(model)
+    if earlier:
+        kept = {(m.r, m.lora_alpha, m.use_rslora) for m in earlier.values()}
+        if kept != {(r, float(alpha), use_rslora)}:
+            warnings.warn(
+                f"prepare_model: the model already has {len(earlier)} QLoRALinear layers (r, alpha, use_rslora in "
+                f"{sorted(kept)}); they keep their adapters and settings, only new targets get r={r}, "
+                f"alpha={alpha:g}. Start from the unprepared model to change them.",
+                UserWarning, stacklevel=2,
+            )
+    report = PrepareReport(r=r, alpha=float(alpha),
+                           adapter_dtype=str(adapter_dtype).replace("torch.", "") if adapter_dtype else "base-dtype",
+                           already_prepared=list(earlier))
     report.params_before = count_parameters(model)
     report.bytes_before = model_memory(model)
+    earlier_bias = {n: m.bias.requires_grad for n, m in earlier.items() if m.bias is not None}
     for p in model.parameters():
         p.requires_grad_(False)
     from tqdm.auto import tqdm
 
     show = verbose if progress is None else progress
-    bar = tqdm(names, desc="quantizing to NF4", unit="layer", disable=not show, file=sys.stderr)
+    bar = tqdm(names, desc="quantizing to NF4", unit="layer", disable=not show or not names, file=sys.stderr)
     for name in bar:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         if _is_bnb_4bit(old):
-            new = QLoRALinear.from_bnb(old, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+            new = QLoRALinear.from_bnb(old, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                       adapter_dtype=adapter_dtype)
         else:
             new = QLoRALinear.from_linear(old, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                          blocksize=blocksize, double_quant=double_quant)
+                                          blocksize=blocksize, double_quant=double_quant, adapter_dtype=adapter_dtype)
         new.train(old.training)
         if new.bias is not None:
             new.bias.requires_grad_(train_bias)
@@ -210,9 +296,11 @@ def prepare_model(
         del old
     bar.close()
     layers = qlora_modules(model)
-    for m in layers.values():  # adapters of layers prepared earlier were frozen above too
+    for name, m in layers.items():  # the freeze above covered adapters of layers prepared earlier too
         m.lora_A.weight.requires_grad_(True)
         m.lora_B.weight.requires_grad_(True)
+        if name in earlier_bias:
+            m.bias.requires_grad_(earlier_bias[name])
     nf4_elems = sum(m.in_features * m.out_features for m in layers.values())
     nf4_bytes = sum(m.weight.nbytes for m in layers.values())
     report.replaced = names
@@ -224,3 +312,36 @@ def prepare_model(
     if verbose:
         print(report)
     return report
+
+
+def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None, progress: bool = False) -> nn.Module:
+    """Replace every QLoRALinear of `model` (in place) by a dense nn.Linear holding deq(W) + s * B @ A.
+
+    The merged weight is computed in float32 and rounded once to `dtype` (default: each layer's original
+    base dtype), so the merged model's outputs equal the adapted model's within that dtype's rounding. The
+    new Linear weights are frozen (requires_grad False); a bias keeps its trainability and is cast to `dtype`.
+    This is the deployment path after training (like PEFT's merge_and_unload); it materializes every weight
+    in `dtype`. Returns the model (the unwrapped module under torch.compile / DDP wrappers).
+    """
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be torch.float32, float16, bfloat16 or None, got {dtype!r}")
+    model = unwrap_model(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no QLoRALinear layer to merge")
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc="merging adapters", unit="layer", disable=not progress, file=sys.stderr):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child)
+        weight = layer.merged_weight(dtype)
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                          device=weight.device, dtype=weight.dtype)
+        dense.weight = nn.Parameter(weight, requires_grad=False)
+        if layer.bias is not None:
+            dense.bias = nn.Parameter(layer.bias.detach().to(weight.dtype).clone(),
+                                      requires_grad=layer.bias.requires_grad)
+        dense.train(layer.training)
+        setattr(parent, child, dense)
+    return model

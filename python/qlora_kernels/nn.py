@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._format import FLOAT_DTYPES
 from .autograd import _qlora_linear
 from .functional import quantize_nf4
-from .weight import NF4Weight
+from .weight import QUANT_STATE_KEY, NF4Weight, packed_bytes
 
 __all__ = ["QLoRALinear"]
 
@@ -31,12 +32,30 @@ def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def check_lora_args(r, alpha, dropout, adapter_dtype=torch.float32) -> None:
+    """Raise a clear error naming the argument for an impossible adapter setting (prepare_model calls this
+    before it touches the model)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"rank r must be an int >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0 (the LoRA scaling is alpha / r), got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if adapter_dtype is not None and adapter_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"adapter_dtype must be torch.float32, float16, bfloat16 or None (the base weight's "
+                        f"dtype), got {adapter_dtype!r}")
+
+
 class QLoRALinear(nn.Module):
     """y = x @ deq(W)^T + scaling * dropout(x) @ A^T @ B^T + bias, with W frozen in NF4.
 
     Build one with `from_linear` (quantizes an nn.Linear), `from_bnb` (takes over a bitsandbytes
     Linear4bit's NF4 weight as is) or the constructor (an NF4Weight). Only `lora_A.weight`, `lora_B.weight`
     (and `bias`, when unfrozen) are parameters.
+
+    adapter_dtype: the adapters' storage dtype, float32 by default as PEFT keeps them: on a bf16 model a bf16
+    adapter rounds most small optimizer updates away. The adapter math runs in the activation dtype (the
+    float32 masters are cast per call); None stores them in the base weight's dtype instead.
 
     Attributes:
         in_features, out_features, r, lora_alpha, use_rslora, scaling, dropout (probability),
@@ -45,16 +64,14 @@ class QLoRALinear(nn.Module):
     """
 
     def __init__(self, weight: NF4Weight, bias: Optional[Tensor] = None, r: int = 16, alpha: float = 16,
-                 dropout: float = 0.0, use_rslora: bool = False, adapter_dtype: Optional[torch.dtype] = None):
+                 dropout: float = 0.0, use_rslora: bool = False,
+                 adapter_dtype: Optional[torch.dtype] = torch.float32):
         super().__init__()
         if not isinstance(weight, NF4Weight):
             raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
         if len(weight.shape) != 2:
             raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"rank r must be an int >= 1, got {r!r}")
-        if not (0.0 <= float(dropout) < 1.0):
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        check_lora_args(r, alpha, dropout, adapter_dtype)
         self.out_features, self.in_features = (int(s) for s in weight.shape)
         self.blocksize = weight.blocksize
         self.weight_dtype = weight.dtype
@@ -71,7 +88,8 @@ class QLoRALinear(nn.Module):
         if bias is not None:
             if bias.shape != (self.out_features,):
                 raise ValueError(f"bias must have shape [{self.out_features}], got {tuple(bias.shape)}")
-            self.bias = nn.Parameter(bias.detach().to(device=weight.device, dtype=dtype).clone(), requires_grad=False)
+            # the bias keeps its own dtype: it is frozen by default, and a trained one wants its precision too
+            self.bias = nn.Parameter(bias.detach().to(device=weight.device).clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
         self.reset_lora_parameters()
@@ -79,27 +97,34 @@ class QLoRALinear(nn.Module):
     # ----------------------------------------------------------------------------------------- builders
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 16, alpha: float = 16, dropout: float = 0.0,
-                    use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True) -> "QLoRALinear":
+                    use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True,
+                    adapter_dtype: Optional[torch.dtype] = torch.float32) -> "QLoRALinear":
         """Quantize `linear.weight` to NF4 (bitsandbytes-identical) and add rank-r adapters (B = 0: a no-op).
 
-        The adapters (and bias) keep linear's dtype and device; the bias stays frozen.
+        The adapters live on linear's device in `adapter_dtype` (None: linear's dtype); the bias keeps its
+        dtype and stays frozen.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_lora_args(r, alpha, dropout, adapter_dtype)
         weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(weight, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        return cls(weight, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                   adapter_dtype=adapter_dtype)
 
     @classmethod
     def from_bnb(cls, layer, r: int = 16, alpha: float = 16, dropout: float = 0.0,
-                 use_rslora: bool = False) -> "QLoRALinear":
+                 use_rslora: bool = False, adapter_dtype: Optional[torch.dtype] = torch.float32) -> "QLoRALinear":
         """Take over a bitsandbytes `Linear4bit` (nf4): its packed codes and (double-quantized) scales are
         used as they are, with no dequantize / requantize. A Linear4bit not yet quantized (bitsandbytes
         quantizes on the first .to(device)) is quantized here with its blocksize and compress_statistics,
-        which gives the same bits."""
+        which gives the same bits. adapter_dtype None: the layer's compute_dtype."""
+        check_lora_args(r, alpha, dropout, adapter_dtype)
         weight = nf4_weight_from_bnb(layer)
         bias = None if layer.bias is None else layer.bias.detach()
-        dtype = getattr(layer, "compute_dtype", None) or weight.dtype
-        return cls(weight, bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=dtype)
+        if adapter_dtype is None:
+            adapter_dtype = getattr(layer, "compute_dtype", None) or weight.dtype
+        return cls(weight, bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                   adapter_dtype=adapter_dtype)
 
     def reset_lora_parameters(self) -> None:
         """A kaiming-uniform (a = sqrt(5), nn.Linear's default), B zeros: the adapter starts as a no-op."""
@@ -149,11 +174,12 @@ class QLoRALinear(nn.Module):
         return self
 
     def merged_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """deq(W) + scaling * B @ A as a dense [N, K] tensor of `dtype` (default: the adapters' dtype).
+        """deq(W) + scaling * B @ A as a dense [N, K] tensor of `dtype` (default: the base weight's original
+        dtype), computed in float32 and rounded once.
 
         For export / inference merging only: it materializes W, which training never does.
         """
-        dtype = dtype or self.lora_A.weight.dtype
+        dtype = dtype or self.weight_dtype
         with torch.no_grad():
             w = self.weight.dequantize(torch.float32)
             w += self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
@@ -200,7 +226,9 @@ class QLoRALinear(nn.Module):
     def _load_weight(self, sd: dict, wkey: str) -> None:
         t = sd[wkey]
         shape = (self.out_features, self.in_features)
-        if t.is_floating_point():  # an unquantized nn.Linear weight: quantize it like this layer
+        # An unquantized nn.Linear weight (float, no quant state; a packed weight in a float quant_storage
+        # dtype comes with its quant state): quantize it like this layer.
+        if t.is_floating_point() and f"{wkey}.{QUANT_STATE_KEY}" not in sd:
             if tuple(t.shape) != shape:
                 raise ValueError(f"float weight has shape {tuple(t.shape)}, this layer is {list(shape)}")
             extra = [k for k in sd if k != wkey]
@@ -234,5 +262,5 @@ def nf4_weight_from_bnb(layer) -> NF4Weight:
         if quant_state.state2.blocksize != 256:
             raise ValueError(f"nested blocksize must be 256, got {quant_state.state2.blocksize}")
         nested, offset = quant_state.state2.absmax, quant_state.offset
-    return NF4Weight(param.data.reshape(-1, 1), quant_state.absmax, shape=tuple(quant_state.shape),
+    return NF4Weight(packed_bytes(param.data, "Linear4bit weight"), quant_state.absmax, shape=tuple(quant_state.shape),
                      dtype=quant_state.dtype, blocksize=quant_state.blocksize, nested_absmax=nested, offset=offset)

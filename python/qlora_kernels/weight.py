@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 
 import torch
 
@@ -35,7 +36,13 @@ class NF4Weight:
     """
 
     def __init__(self, packed, absmax, *, shape, dtype, blocksize, nested_absmax=None, offset=None):
-        self.shape = torch.Size(shape)
+        try:
+            dims = [operator.index(d) for d in shape]
+        except TypeError:
+            raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+        if any(d < 0 for d in dims):
+            raise ValueError(f"shape must not have negative dimensions, got {list(dims)}")
+        self.shape = torch.Size(dims)
         self.dtype = check_float_dtype(dtype, "dtype")
         self.blocksize = check_blocksize(blocksize)
         n = self.numel
@@ -169,14 +176,16 @@ class NF4Weight:
         (`weight.nested_absmax`, `weight.nested_quant_map` when double-quantized) and
         `weight.quant_state.bitsandbytes__nf4` (uint8 bytes of the JSON quant state)."""
         blob = json.dumps(self.quant_state_json()).encode("utf-8")
+        # The maps are copied (80 B + 1 KiB): one tensor shared by every layer would make safetensors (and
+        # with it save_pretrained and Trainer checkpoints) refuse the state dict as "shared tensors".
         sd = {
             prefix: self.packed,
             f"{prefix}.absmax": self.absmax,
-            f"{prefix}.quant_map": self.quant_map,
+            f"{prefix}.quant_map": self.quant_map.clone(),
         }
         if self.double_quant:
             sd[f"{prefix}.nested_absmax"] = self.nested_absmax
-            sd[f"{prefix}.nested_quant_map"] = self.nested_quant_map
+            sd[f"{prefix}.nested_quant_map"] = self.nested_quant_map.clone()
         sd[f"{prefix}.{QUANT_STATE_KEY}"] = torch.tensor(list(blob), dtype=torch.uint8)
         return sd
 
@@ -225,17 +234,57 @@ class NF4Weight:
         dtype_name = dtype_name[len("torch."):] if dtype_name.startswith("torch.") else dtype_name
         if dtype_name not in DTYPE_FROM_NAME:
             raise ValueError(f"{key}: unsupported dtype {state['dtype']!r}")
-        packed = sd[prefix]
-        if packed.dtype != torch.uint8:
-            raise TypeError(f"{prefix} must hold uint8 packed codes, got {packed.dtype}")
+        shape = state["shape"]
+        if (not isinstance(shape, (list, tuple)) or not shape
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ValueError(f"{key}: shape must be a list of non-negative ints, got {shape!r}")
+        packed = packed_bytes(sd[prefix], prefix)
         absmax = sd[f"{prefix}.absmax"]
         nested = offset = None
         if double_quant:
             nested = sd[f"{prefix}.nested_absmax"].to(absmax.device)
-            offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32, device=absmax.device)
+            offset = state["nested_offset"]
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+                raise ValueError(f"{key}: nested_offset must be a finite number, got {offset!r}")
+            offset = torch.tensor(float(offset), dtype=torch.float32, device=absmax.device)
+            _check_scales(nested, f"{prefix}.nested_absmax", torch.float32)
+            _check_scales(absmax, f"{prefix}.absmax", torch.uint8)
+        else:
+            _check_scales(absmax, f"{prefix}.absmax", torch.float32)
         return cls(
-            packed, absmax.to(packed.device), shape=state["shape"], dtype=DTYPE_FROM_NAME[dtype_name],
+            packed, absmax.to(packed.device), shape=shape, dtype=DTYPE_FROM_NAME[dtype_name],
             blocksize=state["blocksize"],
             nested_absmax=None if nested is None else nested.to(packed.device),
             offset=None if offset is None else offset.to(packed.device),
         )
+
+
+def packed_bytes(t: torch.Tensor, name: str = "packed") -> torch.Tensor:
+    """The packed NF4 bytes of `t` as uint8 [nbytes, 1]: bitsandbytes' `bnb_4bit_quant_storage` keeps them in
+    a tensor of another dtype (bfloat16 for FSDP-QLoRA: [N*K/4, 1]); the bytes are viewed, not converted."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype == torch.uint8:
+        return t.reshape(-1, 1)
+    if t.dtype not in QUANT_STORAGE_DTYPES:
+        raise TypeError(f"{name} holds packed NF4 codes in {t.dtype}; the storage dtypes bitsandbytes allows are "
+                        f"{[str(d) for d in (torch.uint8,) + QUANT_STORAGE_DTYPES]}")
+    return t.contiguous().reshape(-1).view(torch.uint8).reshape(-1, 1)
+
+
+# bnb_4bit_quant_storage dtypes besides uint8 (bitsandbytes' Params4bit accepts any of these)
+QUANT_STORAGE_DTYPES = (torch.int8, torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.float64)
+
+
+def _check_scales(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    """A scale tensor read from a state dict: the right dtype, finite, not negative (else a clear error)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if dtype.is_floating_point and t.numel():
+        bad = ~torch.isfinite(t) | (t < 0)
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0, 0])
+            raise ValueError(f"{name} holds {int(bad.sum())} impossible scale(s) (NaN, inf or negative); "
+                             f"the first is {t.reshape(-1)[i].item()!r} at index {i}")
