@@ -14,7 +14,7 @@ commands:
   demo    quantize all-MiniLM-L6-v2 to NF4, fine-tune LoRA adapters on a small task, save and reload them
           (offline; about a minute on a laptop CPU). Options: --steps N --batch-size B --r R --alpha A --lr LR
           --out DIR (keep the adapter) --device cpu|cuda --seed S
-  info    print which backends are live (native CPU / CUDA kernels, Triton, reference) and versions
+  info    print what is compiled and what is usable here (CPU SIMD path, CUDA kernels, Triton) and versions
 """
 
 
