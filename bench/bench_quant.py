@@ -122,9 +122,13 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=REPS, help="repetitions, the same for every implementation")
     p.add_argument("--warmup", type=int, default=WARMUP, help="warm-up calls, the same for every implementation")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the timed calls (CPU); "
+                   "the copy floor always uses every CPU")
     p.add_argument("--skip-slow-reference", action="store_true", help="skip the reference above 4096x4096")
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows, meta = run(args.device, shapes, args.reps, args.warmup, args.skip_slow_reference)
     for r in rows:
         r["impl"] = f"{r['op']}:{r['impl']}"
