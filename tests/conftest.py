@@ -24,6 +24,12 @@ def pytest_terminal_summary(terminalreporter, config):
     paths = getattr(config, "qk_cpu_paths", None)
     if not paths or not (paths["ran"] or paths["skipped"]):
         return
+    try:
+        import qlora_kernels._C as C
+
+        terminalreporter.write_line(f"qlora_kernels CPU SIMD path of every other test (auto on this CPU): {C.cpu_isa()}")
+    except ImportError:
+        pass
     order = ("avx512", "avx2", "scalar")
     ran = [p for p in order if p in paths["ran"]]
     terminalreporter.write_line(f"qlora_kernels CPU SIMD paths tested: {', '.join(ran) or 'none'}")
