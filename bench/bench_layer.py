@@ -1,8 +1,10 @@
 """One QLoRA layer's forward + backward, and a small model's training step, side by side with
 bitsandbytes Linear4bit + PEFT LoRA and with PEFT LoRA on an unquantized base.
 
-Per row: median ms (harness.time_fn), bytes saved for backward (unique storages seen by
-torch.autograd.graph.saved_tensors_hooks during the forward), speedup against bitsandbytes + PEFT.
+Per row: median, p20 and p80 ms (harness.time_cases: the same warm-up and repetitions for every implementation,
+taking turns on a CPU), bytes saved for backward (unique storages seen by torch.autograd.graph.saved_tensors_hooks
+during the forward), speedup against bitsandbytes + PEFT ("within noise" when the p20-p80 ranges overlap).
+Adapters are in the activation dtype in every implementation.
 
     python bench/bench_layer.py [--out DIR] [--dtypes float32,bfloat16] [--reps N] [--quick]
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -25,10 +26,10 @@ import torch
 from torch import nn
 
 try:
-    from bench.harness import device_meta, print_table, time_fn, with_rates, write_results
+    from bench.harness import device_meta, print_table, speedup, time_cases, with_rates, write_results
 except ImportError:  # run as a script from bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from harness import device_meta, print_table, time_fn, with_rates, write_results
+    from harness import device_meta, print_table, speedup, time_cases, with_rates, write_results
 
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
@@ -36,30 +37,6 @@ logging.disable(logging.WARNING)
 from qlora_kernels.memory import saved_for_backward_bytes  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def time_interleaved(fns: dict, device, warmup: int, reps: int) -> dict:
-    """{name: harness timing} for several implementations of one case.
-
-    CUDA: harness.time_fn per implementation. CPU: the implementations take turns, one harness.time_fn call
-    of one rep each, round after round, so a busy shared machine slows all of them alike (measured: a 2-core
-    runner shared with compile jobs swung single runs by 5x); median, p20 and p80 over the rounds.
-    """
-    if device.type == "cuda":
-        return {name: time_fn(fn, device, warmup=warmup, reps=reps) for name, fn in fns.items()}
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(time_fn(fn, device, warmup=0, reps=1)["median_ms"])
-    out = {}
-    for name, ts in times.items():
-        ts = sorted(ts)
-        q = lambda p: ts[min(len(ts) - 1, int(p * len(ts)))]  # noqa: E731
-        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q(0.2), "p80_ms": q(0.8), "reps": len(ts)}
-    return out
 
 
 class Wrap(nn.Module):
@@ -94,13 +71,21 @@ def peft_wrap(model: nn.Module, targets, r, alpha, dtype):
     return model
 
 
+def adapters_to(model: nn.Module, dtype) -> nn.Module:
+    """Our LoRA A and B in `dtype`, as peft_wrap puts PEFT's (whatever the package's default adapter dtype)."""
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(dtype)
+    return model
+
+
 # -------------------------------------------------------------------------------------------------- layer
 def layer_impls(n, k, r, dtype, device):
     from qlora_kernels import QLoRALinear
 
     torch.manual_seed(0)
     lin = nn.Linear(k, n, bias=False, device=device)
-    impls = {"qlora_kernels": QLoRALinear.from_linear(lin, r=r, alpha=r).to(dtype)}
+    impls = {"qlora_kernels": adapters_to(QLoRALinear.from_linear(lin, r=r, alpha=r).to(dtype), dtype)}
     try:
         impls["bnb+peft"] = peft_wrap(Wrap(to_bnb4bit(lin, dtype, device)), ["lin"], r, r, dtype)
     except Exception as exc:  # bitsandbytes / peft missing or unsupported on this device
@@ -126,7 +111,8 @@ def bench_layer(device, dtype, n=4096, k=4096, m=512, r=16, reps=10, warmup=2) -
             module(x).backward(dy)
         return step
 
-    timings = time_interleaved({name: make_step(mod) for name, mod in impls.items()}, device, warmup, reps)
+    # the same warm-up and repetitions for every implementation, taking turns on a CPU
+    timings = time_cases({name: make_step(mod) for name, mod in impls.items()}, device, warmup, reps)
     for name, module in impls.items():
         row = {"case": case, "impl": name, "dtype": str(dtype), **timings[name],
                "saved_bytes": saved_for_backward_bytes(lambda: module(x))[0]}
@@ -151,6 +137,7 @@ def model_impls(device, dtype, r):
 
     ours = tiny_llama(device, dtype)
     prepare_model(ours, target_modules=LLAMA_TARGETS, r=r, alpha=r, verbose=False)
+    adapters_to(ours, dtype)
     impls = {"qlora_kernels": ours}
     try:
         bnb_model = tiny_llama(device, dtype)
@@ -181,7 +168,7 @@ def bench_model(device, dtype, batch=4, seq=128, r=16, reps=5, warmup=2) -> list
             opt.step()
         return step
 
-    timings = time_interleaved({name: make_step(m) for name, m in models.items()}, device, warmup, reps)
+    timings = time_cases({name: make_step(m) for name, m in models.items()}, device, warmup, reps)
     for name, model in models.items():
         t = timings[name]
         nbytes = saved_for_backward_bytes(lambda: model(input_ids=ids, labels=ids).loss)[0]
@@ -197,7 +184,8 @@ def add_speedups(rows: list[dict]) -> None:
         base = [r for r in rows if r["case"] == case and r["impl"] == "bnb+peft"]
         for r in rows:
             if r["case"] == case and base:
-                r["speedup"] = base[0]["median_ms"] / r["median_ms"]
+                # >1: this row is faster than bitsandbytes + PEFT
+                r.update(speedup(r, base[0]) if r is not base[0] else {"speedup": 1.0, "speedup_verdict": "baseline"})
                 r["saved_vs_bnb"] = r["saved_bytes"] / base[0]["saved_bytes"]
 
 
@@ -220,6 +208,7 @@ def main(argv=None) -> int:
 
     meta = device_meta(device)
     meta["qlora_backend"] = qlora_kernels.backend_info()
+    meta.update(warmup=2, layer_reps=reps, model_reps=max(5, reps // 2))
     rows = []
     for name in dtypes:
         dtype = getattr(torch, name)
@@ -230,7 +219,13 @@ def main(argv=None) -> int:
             print(f"model step, {name} ...", flush=True)
             rows += bench_model(device, dtype, reps=max(5, reps // 2), seq=32 if args.quick else 128)
     add_speedups(rows)
-    print_table(rows, cols=("case", "impl", "median_ms", "TFLOP/s", "saved_bytes", "saved_vs_bnb", "tokens/s", "speedup"))
+    print(f"device: {meta['device']} ({meta['cpu_model']}), SIMD path {meta.get('cpu_isa')}, threads "
+          f"{meta['cpu_threads']}, load average {meta['load_avg_1_5_15']}; every implementation: warm-up 2, "
+          f"reps {reps} (layer) / {meta['model_reps']} (model), taking turns")
+    print_table(rows, cols=("case", "impl", "median_ms", "p20_ms", "p80_ms", "TFLOP/s", "saved_bytes", "saved_vs_bnb",
+                            "tokens/s", "speedup", "speedup_verdict"))
+    print("speedup = bitsandbytes + PEFT's median / this row's (>1: faster); 'within noise' when the p20-p80 "
+          "ranges overlap")
     path = write_results("layer", rows, meta, Path(args.out) if args.out else None)
     print(f"wrote {path}")
     return 0

@@ -13,10 +13,11 @@ Passes (all include the LoRA terms; U = x A^T is computed inside "fwd"):
   fwd     y = x W^T + s (x A^T) B^T + bias
   dx      dx = dy W + s (dy B) A
   fwdbwd  fwd, then dx, dA = s G^T x, dB = s dy^T U   (one layer of a training step)
-Each row: median ms (harness: do_bench with L2 flush; CUDA graphs for M <= 16), TFLOP/s and GB/s (weight
-bytes at the impl's storage: 4.127 bits/param for NF4, 16 for bf16) and % of the measured ceilings
-(large device copy, large bf16 matmul), speedup vs deq+mm. The JSON also records, per (N, K, r, pass),
-the measured fused/dequant crossover (smallest M in --ms where deq+mm beats fused) next to the roofline
+Each row: median ms (harness: do_bench with L2 flush; CUDA graphs for M <= 16 for every implementation, the
+baselines included), TFLOP/s and GB/s (weight bytes at the impl's storage: 4.127 bits/param for NF4, 16 for
+bf16) and % of the measured ceilings (large device copy, large bf16 matmul), speedup vs deq+mm ("within noise"
+when the p20-p80 ranges overlap). The JSON also records, per (N, K, r, pass), the measured fused/dequant
+crossover (smallest M in --ms where deq+mm beats fused) next to the roofline
 model's prediction (triton_kernels/dispatch.py), so the dispatcher's constants can be replaced by data.
 
 --quick: tiny shapes on whatever device is there (CPU: the Triton interpreter, float32) to smoke-test the
@@ -38,12 +39,12 @@ if not torch.cuda.is_available():  # the Triton kernels run in the interpreter o
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
-    from bench.harness import (copy_ceiling_gbs, device_meta, matmul_ceiling_tflops, print_table, time_fn,
-                               with_rates, write_results)
+    from bench.harness import (copy_ceiling_gbs, device_meta, matmul_ceiling_tflops, print_table, speedup,
+                               time_cases, with_rates, write_results)
 except ImportError:  # run as a script from bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from harness import (copy_ceiling_gbs, device_meta, matmul_ceiling_tflops, print_table, time_fn,  # noqa: E402
-                         with_rates, write_results)
+    from harness import (copy_ceiling_gbs, device_meta, matmul_ceiling_tflops, print_table, speedup,  # noqa: E402
+                         time_cases, with_rates, write_results)
 
 import qlora_kernels as qk  # noqa: E402
 
@@ -196,32 +197,42 @@ def run_case(L: Layer, impls, passes, ceilings, rows, notes, graph):
         "bf16-lora": lambda: (*_dense(L, lambda: L.w_dense), None),
     }
     case = f"N{L.N}xK{L.K} r{L.r} M{L.M}"
+    built = {}
     for impl in impls:
         try:
-            fns = builders[impl]()
+            *fns, note = builders[impl]()
         except Exception as exc:  # not importable / no backend here
             notes.setdefault(impl, f"skipped: {type(exc).__name__}: {exc}"[:300])
             continue
-        *fns, note = fns
         if note:
             notes.setdefault(impl, note)
-        for pass_, fn in zip(PASSES, fns):
-            if pass_ not in passes:
-                continue
-            try:
-                t = time_fn(fn, dev, warmup=2, reps=5 if dev.type == "cpu" else 20, graph=graph and impl != "bnb+peft")
-            except Exception as exc:
-                notes[f"{impl} {pass_} {case}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-                continue
+        built[impl] = dict(zip(PASSES, fns))
+    for pass_ in PASSES:
+        if pass_ not in passes:
+            continue
+        # ours and the baselines: the same warm-up, repetitions and CUDA-graph treatment (harness.time_cases;
+        # an implementation whose graph capture fails is timed without one, and its row says so)
+        fns = {impl: f[pass_] for impl, f in built.items()}
+        try:
+            timings = time_cases(fns, dev, warmup=2, reps=5 if dev.type == "cpu" else 20, graph=graph)
+        except Exception:  # one implementation failed: time the others alone, note the failure
+            timings = {}
+            for impl, fn in fns.items():
+                try:
+                    timings.update(time_cases({impl: fn}, dev, warmup=2, reps=5 if dev.type == "cpu" else 20,
+                                              graph=graph))
+                except Exception as exc:
+                    notes[f"{impl} {pass_} {case}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+        for impl, t in timings.items():
             wb = 2 * L.N * L.K if impl == "bf16-lora" else nf4_bytes
             flops, nbytes = flops_bytes(L, pass_, wb)
             row = {"case": f"{pass_} {case}", "pass": pass_, "impl": impl, "N": L.N, "K": L.K, "r": L.r, "M": L.M, **t}
             rows.append(with_rates(row, nbytes=nbytes, flops=flops, copy_gbs=ceilings["copy_gbs"],
                                    mm_tflops=ceilings["matmul_tflops"]))
-    base = {r["pass"]: r["median_ms"] for r in rows if r["impl"] == "deq+mm" and r["case"].endswith(case)}
+    base = {r["pass"]: r for r in rows if r["impl"] == "deq+mm" and r["case"].endswith(case)}
     for r in rows:
-        if r["case"].endswith(case) and r["pass"] in base:
-            r["speedup"] = base[r["pass"]] / r["median_ms"]
+        if r["case"].endswith(case) and r["pass"] in base and r is not base[r["pass"]]:
+            r.update(speedup(r, base[r["pass"]]))  # deq+mm's median / this row's: >1 means this row is faster
 
 
 def crossovers(rows, ms):

@@ -3,16 +3,24 @@
 - CPU: median wall time of `reps` calls after `warmup` calls (time.perf_counter).
 - CUDA: triton.testing.do_bench (flushes L2 between runs) when triton is importable, with a CUDA graph
   for tiny calls (`graph=True`); else CUDA events. Returns milliseconds.
+- `time_cases` times ours and every baseline of one case with the same warm-up, the same repetitions and the
+  same CUDA-graph treatment (on a CPU they take turns, round after round, so a busy machine slows all alike).
 - Each row carries bytes and flops so the table shows GB/s, TFLOP/s and the percentage of a ceiling
   measured in the same run (a large device copy; a large matmul).
-- Results: JSON (device name, versions, timestamp, rows) under bench/results/, and a PNG when matplotlib is
-  installed.
+- `copy_floor` is the memory floor of a kernel that moves B bytes: the best of several copies moving the same
+  B bytes (B/2 read, B/2 written) at the full thread count, measured in the same run. `floor_check` flags a
+  kernel that beats it, with the reason (a floor is not supposed to be beaten).
+- `speedup` reports "within noise" when the two p20-p80 ranges overlap.
+- Results: JSON (device name, CPU model, SIMD path, threads, load, versions, timestamp, rows) under
+  bench/results/, and a PNG when matplotlib is installed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 import time
@@ -82,6 +90,132 @@ def _time_cuda(fn, device, warmup, reps, graph):
         return _summary(times)
 
 
+WARMUP = 2  # the defaults every implementation of a case gets (ours and the baselines alike)
+REPS = 10
+
+
+def time_cases(fns: dict, device, warmup: int = WARMUP, reps: int = REPS, graph: bool = False) -> dict:
+    """{name: timing} for several implementations of one case, each with the same warm-up and repetitions.
+
+    CPU: the implementations take turns, one call each, round after round, so a busy shared machine slows all
+    of them alike (measured: a 2-core runner shared with compile jobs swung single runs by 5x); median, p20
+    and p80 over the rounds. CUDA: time_fn per implementation, all with the same `graph` setting; when a CUDA
+    graph cannot be captured for one, that one is timed without (its row says so in "cuda_graph").
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        out = {}
+        for name, fn in fns.items():
+            try:
+                out[name] = {**time_fn(fn, device, warmup=warmup, reps=reps, graph=graph), "cuda_graph": graph}
+            except Exception as exc:  # capture failed (host sync, unsupported op): same timing without a graph
+                if not graph:
+                    raise
+                out[name] = {**time_fn(fn, device, warmup=warmup, reps=reps, graph=False), "cuda_graph": False,
+                             "cuda_graph_error": f"{type(exc).__name__}: {exc}"[:200]}
+        return out
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {**_summary(ts), "warmup": warmup} for name, ts in times.items()}
+
+
+def speedup(ours: dict, theirs: dict) -> dict:
+    """theirs' median / ours' median, and whether that is outside the noise: when the p20-p80 ranges of the two
+    overlap the difference is reported as "within noise" (not as faster or slower)."""
+    x = theirs["median_ms"] / ours["median_ms"]
+    overlap = ours["p20_ms"] <= theirs["p80_ms"] and theirs["p20_ms"] <= ours["p80_ms"]
+    verdict = "within noise" if overlap else ("faster" if x > 1 else "slower")
+    return {"speedup": x, "speedup_verdict": verdict}
+
+
+def _advise_huge_pages(t: torch.Tensor) -> bool:
+    """madvise(MADV_HUGEPAGE) on a CPU tensor's 2 MiB-aligned interior: the hint the native kernels give their
+    outputs (csrc/nf4_cpu.cpp), so the floor's copy gets the same page size as the kernel it bounds."""
+    if t.device.type != "cpu" or not hasattr(os, "sched_getaffinity"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        huge, p, n = 2 << 20, t.data_ptr(), t.numel() * t.element_size()
+        lo, hi = (p + huge - 1) & ~(huge - 1), (p + n) & ~(huge - 1)
+        return hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 14) == 0  # 14: MADV_HUGEPAGE
+    except (OSError, AttributeError):
+        return False
+
+
+def full_thread_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def copy_floor(device, nbytes: int, trials: int = 15) -> dict:
+    """The memory floor of a kernel that reads + writes `nbytes` in all: the BEST (minimum) time of `trials`
+    copies of nbytes / 2 bytes into a reused buffer, at the full thread count, in this run. Returns ms, GB/s
+    (bytes read + written) and the spread of the trials."""
+    device = torch.device(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(full_thread_count())
+    try:
+        src = torch.empty(nbytes // 4, dtype=torch.float16, device=device).normal_()
+        dst = torch.empty_like(src)
+        thp = _advise_huge_pages(src) and _advise_huge_pages(dst)
+        dst.copy_(src)  # first touch outside the timing
+        times = []
+        for _ in range(trials):
+            sync(device)
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+        moved = 2 * src.numel() * src.element_size()
+        summary = _summary(times)
+        best = min(times)
+        return {"bytes": moved, "best_ms": best, "GBps": moved / (best * 1e6), "median_ms": summary["median_ms"],
+                "p20_ms": summary["p20_ms"], "p80_ms": summary["p80_ms"], "trials": trials,
+                "threads": torch.get_num_threads(), "huge_pages": thp}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _llc_bytes() -> int | None:
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def floor_check(kernel: dict, floor: dict, nbytes: int) -> dict:
+    """x_floor = kernel median / floor (>= 1 expected). A kernel below its floor is flagged with the reasons
+    that apply: data that fits in the last-level cache, a noisy floor measurement, or neither (then a bug in
+    the byte count or the timing is the suspect)."""
+    floor_ms = floor["best_ms"] * nbytes / floor["bytes"]
+    out = {"floor_ms": floor_ms, "x_floor": kernel["median_ms"] / floor_ms}
+    if out["x_floor"] < 1.0:
+        reasons = []
+        llc = _llc_bytes()
+        if llc and nbytes <= 2 * llc:
+            reasons.append(f"its {nbytes / 2**20:.0f} MiB working set is within 2x the {llc / 2**20:.0f} MiB "
+                           "last-level cache, where a reused buffer stays partly cached between calls")
+        if floor["p80_ms"] > 1.3 * floor["best_ms"]:
+            reasons.append(f"the floor's own trials spread {floor['best_ms']:.2f}-{floor['p80_ms']:.2f} ms "
+                           "(best to p80): the machine was busy while it was measured")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if load > full_thread_count():
+            reasons.append(f"the load average ({load:.1f}) exceeded the {full_thread_count()} CPUs: a copy at the "
+                           "full thread count waits for every thread to be scheduled, a kernel on fewer threads does not")
+        if not reasons:
+            reasons.append("no known reason: suspect the byte count or the timing")
+        out["beats_floor"] = "; ".join(reasons)
+    return out
+
+
 def copy_ceiling_gbs(device, nbytes: int = 1 << 28) -> float:
     """Measured device copy bandwidth, GB/s counting bytes read + written (the memory ceiling)."""
     device = torch.device(device)
@@ -102,12 +236,35 @@ def matmul_ceiling_tflops(device, n: int = 8192, dtype=torch.bfloat16) -> float:
     return 2 * n**3 / (t["median_ms"] * 1e9)
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_simd() -> dict:
+    """The SIMD path the native CPU kernels take on this machine, and the ones it could take."""
+    try:
+        import qlora_kernels._C as C
+    except ImportError as exc:
+        return {"cpu_isa": None, "cpu_isa_note": f"native extension not loaded ({exc}): reference kernels"}
+    return {"cpu_isa": C.cpu_isa(), "cpu_isas_supported": list(C.cpu_isas_supported())}
+
+
 def device_meta(device) -> dict:
     device = torch.device(device)
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "device_type": device.type,
+        "cpu_model": cpu_model(),
+        "cpu_count": full_thread_count(),
         "cpu_threads": torch.get_num_threads(),
+        **cpu_simd(),
+        "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -16,3 +16,22 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running test")
+    config.qk_cpu_paths = {"ran": set(), "skipped": {}}  # filled by test_native.py's `isa` fixture
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Say which CPU SIMD paths of the native kernels the run exercised, and why the others did not run."""
+    paths = getattr(config, "qk_cpu_paths", None)
+    if not paths or not (paths["ran"] or paths["skipped"]):
+        return
+    try:
+        import qlora_kernels._C as C
+
+        terminalreporter.write_line(f"qlora_kernels CPU SIMD path of every other test (auto on this CPU): {C.cpu_isa()}")
+    except ImportError:
+        pass
+    order = ("avx512", "avx2", "scalar")
+    ran = [p for p in order if p in paths["ran"]]
+    terminalreporter.write_line(f"qlora_kernels CPU SIMD paths tested: {', '.join(ran) or 'none'}")
+    for isa, reason in paths["skipped"].items():
+        terminalreporter.write_line(f"qlora_kernels CPU SIMD path NOT tested: {isa}: {reason}")

@@ -157,3 +157,49 @@ def test_load_adapter_errors(tmp_path):
         load_adapter(model, tmp_path / "dora")
     with pytest.raises(ValueError, match=r"has no QLoRALinear layer: call prepare_model first"):
         save_adapter(nn.Linear(2, 2), tmp_path / "x")
+
+
+def peft_layers(peft_model) -> dict:
+    """{module path: PEFT LoraLayer} of a PeftModel (paths relative to the wrapped model)."""
+    return {n: m for n, m in peft_model.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def assert_same_layers_and_scalings(model, peft_model):
+    ours, theirs = qlora_modules(model), peft_layers(peft_model)
+    assert sorted(ours) == sorted(theirs)
+    for name, m in ours.items():
+        assert (m.r, m.scaling) == (theirs[name].r["default"], theirs[name].scaling["default"]), name
+
+
+def test_rank_and_alpha_patterns_peft_to_ours(tmp_path):
+    """rank_pattern / alpha_pattern (PEFT's regex-suffix keys, the first match wins) give each layer the r and
+    the scaling PEFT gives it when the same adapter is loaded by PEFT."""
+    model = tiny_llama()
+    prepare_model(model, ["q_proj"], r=8, verbose=False)
+    prepare_model(model, ["model.layers.1.mlp.down_proj"], r=2, verbose=False)
+    prepare_model(model, ["v_proj", "down_proj"], r=4, verbose=False)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                          rank_pattern={"q_proj": 8, "layers.1.mlp.down_proj": 2},
+                          alpha_pattern={"layers\\.0\\.self_attn\\.v_proj": 32, "down_proj": 3, "q_proj": 5},
+                          init_lora_weights=False)
+    torch.manual_seed(3)
+    peft32 = peft.get_peft_model(dequantized_base(model), cfg).eval()
+    peft32.save_pretrained(tmp_path)
+    load_adapter(model, tmp_path)
+    assert_same_layers_and_scalings(model, peft32)
+    assert len({m.scaling for m in qlora_modules(model).values()}) == 5  # the patterns are exercised
+    peft64 = peft.PeftModel.from_pretrained(dequantized_base(model).double(), tmp_path).eval()
+    assert_derived(logits(model), logits(peft32), logits(peft64))
+
+
+def test_rank_and_alpha_patterns_ours_to_peft(tmp_path):
+    model = tiny_llama()
+    prepare_model(model, ["q_proj", "k_proj", "v_proj"], r=4, alpha=8, verbose=False)
+    prepare_model(model, ["model.layers.0.mlp.up_proj"], r=2, alpha=8, verbose=False)
+    prepare_model(model, ["model.layers.1.mlp.up_proj"], r=4, alpha=16, verbose=False)
+    randomize_adapters(model)
+    save_adapter(model, tmp_path)
+    peft32 = peft.PeftModel.from_pretrained(dequantized_base(model), tmp_path).eval()
+    assert_same_layers_and_scalings(model, peft32)
+    peft64 = peft.PeftModel.from_pretrained(dequantized_base(model).double(), tmp_path).eval()
+    assert_derived(logits(model), logits(peft32), logits(peft64))

@@ -14,11 +14,9 @@ import sys
 import pytest
 import torch
 
-try:
-    import qlora_kernels._C as C
-except ImportError as exc:  # the extension is optional: the package falls back to the reference kernels
-    pytest.skip(f"qlora_kernels._C is not built ({exc}); `pip install -e .` builds it", allow_module_level=True)
+from build_state import native_or_skip
 
+C = native_or_skip()  # a skip only when nothing was built; a built extension that does not import fails
 from qlora_kernels import _format as F
 from qlora_kernels import reference as ref
 
@@ -35,10 +33,31 @@ def shape_id(s):
     return "x".join(map(str, s))
 
 
-@pytest.fixture(params=C.cpu_isas_supported(), autouse=False)
+CPU_ISAS = ("avx512", "avx2", "scalar")
+# the CPU features each SIMD path needs (nf4_cpu.cpp's run-time check), named in the skip reason
+ISA_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"), "avx2": ("avx2", "f16c"), "scalar": ()}
+
+
+def _missing_cpu_flags(isa: str) -> list[str]:
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return list(ISA_FLAGS[isa])
+    return [f for f in ISA_FLAGS[isa] if f not in flags]
+
+
+@pytest.fixture(params=CPU_ISAS)
 def isa(request):
-    """Runs the test with the CPU kernels capped at one SIMD level (scalar is the portable fallback)."""
+    """Runs the test with the CPU kernels capped at one SIMD level (scalar is the portable fallback). A level
+    this CPU lacks is a visible skip, and conftest's summary lists the levels that ran."""
+    paths = request.config.qk_cpu_paths
+    if request.param not in C.cpu_isas_supported():
+        reason = (f"this CPU lacks the {request.param} path (missing CPU flags: "
+                  f"{', '.join(_missing_cpu_flags(request.param)) or 'none in /proc/cpuinfo, but the OS or _C refuses it'})")
+        paths["skipped"][request.param] = reason
+        pytest.skip(reason)
     assert C.set_cpu_isa(request.param) == request.param
+    paths["ran"].add(request.param)
     yield request.param
     C.set_cpu_isa("auto")
 
@@ -149,7 +168,11 @@ def test_module_surface():
     info = C.build_info()
     assert info["cuda"] == C.has_cuda()
     assert info["cpu_isa"] in ("scalar", "avx2", "avx512")
-    assert C.cuda_device_count() >= 0  # never raises, even without a driver
+    count = C.cuda_device_count()  # never raises, even without a driver
+    if torch.cuda.is_available():
+        assert count == torch.cuda.device_count()
+    elif not os.path.exists("/dev/nvidiactl"):
+        assert count == 0
     assert "scalar" in C.cpu_isas_supported()
 
 

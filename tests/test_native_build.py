@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import qlora_kernels._C as C
-except ImportError as exc:
-    pytest.skip(f"qlora_kernels._C is not built ({exc})", allow_module_level=True)
+from build_state import native_or_skip
+
+C = native_or_skip()  # a skip only when nothing was built; a built extension that does not import fails
 
 SO = Path(C.__file__)
 INFO = C.build_info()

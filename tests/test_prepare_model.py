@@ -12,7 +12,7 @@ from torch import nn
 warnings.filterwarnings("ignore", message=".*native extension _C not available.*")
 
 from qlora_kernels import PrepareReport, QLoRALinear, prepare_model  # noqa: E402
-from qlora_kernels.model import qlora_modules  # noqa: E402
+from qlora_kernels.model import find_target_modules, qlora_modules  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -155,3 +155,47 @@ def test_command_line_usage_and_info(capsys):
     assert '"native_cpu"' in capsys.readouterr().out
     assert main(["nonsense"]) == 2
     assert "unknown command 'nonsense'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ target selection vs PEFT
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.out_proj, self.proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+
+class _Tricky(nn.Module):
+    """Names where PEFT's rules matter: "proj" is a suffix of "q_proj" without being a dotted suffix, and a
+    regex that matches part of a path (re.search) but not all of it (re.fullmatch)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj, self.q_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.head = nn.Linear(8, 8)
+
+
+def _peft_selection(model, target_modules, exclude_modules=None):
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=2, target_modules=target_modules, exclude_modules=exclude_modules)
+    wrapped = peft.get_peft_model(model, cfg)
+    return sorted(n for n, m in wrapped.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+
+
+@pytest.mark.parametrize("targets, exclude", [
+    (["proj"], None),                                       # dotted suffix only: not q_proj / out_proj
+    (["q_proj", "blocks.1.out_proj"], ["blocks.0.q_proj"]),  # full paths, suffixes and an exclusion
+    ("q_proj|blocks\\.1\\..*proj", None),                   # fullmatch: the top-level q_proj, not blocks.0.q_proj
+    (".*\\.(q|out)_proj", ["1.out_proj"]),
+], ids=["suffix", "paths-exclude", "regex-fullmatch", "regex-exclude"])
+def test_target_selection_is_peft_selection(targets, exclude):
+    ours = sorted(find_target_modules(_Tricky(), targets, exclude or ()))
+    assert ours == _peft_selection(_Tricky(), targets, exclude)
+    model = _Tricky()
+    assert sorted(prepare_model(model, target_modules=targets, exclude_modules=exclude or (), r=2,
+                                verbose=False).replaced) == ours
+
+
+def test_all_linear_is_peft_all_linear():
+    assert sorted(find_target_modules(tiny_llama())) == _peft_selection(tiny_llama(), "all-linear")

@@ -113,6 +113,59 @@ def test_adversarial_values_match_reference(backend):
         assert torch.equal(q.packed, bq) and torch.equal(q.absmax, st.absmax)
 
 
+def _div_rcp_straddlers(amax: float) -> torch.Tensor:
+    """float32 values w next to (NF4 midpoint) * amax whose code differs between w / amax (true division) and
+    w * (1 / amax) (reciprocal multiply). Empty when amax has none."""
+    mids = (NF4_TABLE[:-1] + NF4_TABLE[1:]) / 2
+    a = torch.tensor(amax, dtype=torch.float32)
+    centre = (mids * a).view(torch.int32)
+    cands = torch.cat([(centre + k).view(torch.float32) for k in range(-3, 4)])
+    cands = cands[cands.abs() <= a]
+    return cands[torch.bucketize(cands / a, mids) != torch.bucketize(cands * (1.0 / a), mids)]
+
+
+def _codes(w: torch.Tensor, inv_scale: torch.Tensor, divide: bool) -> torch.Tensor:
+    mids = (NF4_TABLE[:-1] + NF4_TABLE[1:]) / 2
+    scaled = w / inv_scale if divide else w * (1.0 / inv_scale)
+    return torch.bucketize(torch.clamp(scaled, -1, 1), mids)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_division_rules_match_bitsandbytes(blocksize, backend):
+    """bitsandbytes' CPU quantize multiplies full blocks by the reciprocal of absmax and divides the partial last
+    block by it. The weight holds values where the two rules give different codes, in full blocks and in the
+    partial last block, and is compared with bitsandbytes directly (not only with our own reference)."""
+    full_blocks, found = [], 0
+    for amax in torch.linspace(0.3, 9.7, 60).tolist():
+        vals = _div_rcp_straddlers(amax)
+        if vals.numel():
+            found += vals.numel()
+            block = torch.cat([torch.tensor([torch.tensor(amax, dtype=torch.float32).item()]), vals])
+            full_blocks.append(block.repeat(blocksize)[:blocksize])
+    assert found > 20
+    amax_tail = 0.30000001192092896  # float32(0.3): its straddlers below are checked, not assumed
+    tail_vals = _div_rcp_straddlers(amax_tail)
+    tail = torch.cat([torch.tensor([amax_tail]), tail_vals, torch.randn(5) * 0.01])[: blocksize - 1]
+    w = torch.cat(full_blocks + [tail])
+    # the input exercises both rules: each rule applied to the wrong block kind changes some code
+    head = torch.stack(full_blocks)
+    head_amax = head.abs().amax(1, keepdim=True)
+    assert (_codes(head, head_amax, divide=True) != _codes(head, head_amax, divide=False)).any()
+    t_amax = tail.abs().max()
+    assert (_codes(tail, t_amax, divide=True) != _codes(tail, t_amax, divide=False)).sum() >= 3
+    assert w.numel() % blocksize != 0
+    for shape in ((w.numel(),), (1, w.numel())):
+        ww = w.reshape(shape)
+        q = qk.quantize_nf4(ww, blocksize=blocksize, double_quant=False)
+        bq, st = _bnb_quantize(ww, blocksize, False)
+        assert torch.equal(q.absmax, st.absmax)
+        assert torch.equal(q.packed, bq), "NF4 codes differ from bitsandbytes where divide and reciprocal differ"
+    q = qk.quantize_nf4(w, blocksize=blocksize, double_quant=True)
+    bq, st = _bnb_quantize(w, blocksize, True)
+    assert torch.equal(q.packed, bq) and torch.equal(q.absmax, st.absmax)
+    assert torch.equal(q.dequantize(), _bnb_dequantize_exact(bq, st))
+
+
 def test_double_quant_constant_and_zero_scales(backend):
     """A nested block whose centred scales are all zero encodes to code 0 (bitsandbytes' CPU rule)."""
     w = torch.full((4, 256), 0.25)
@@ -237,6 +290,23 @@ def test_state_dict_errors():
     bad = dict(sd, **{"weight.quant_state.bitsandbytes__nf4": torch.tensor(list(b"{not json"), dtype=torch.uint8)})
     with pytest.raises(ValueError, match="JSON"):
         qk.NF4Weight.from_state_dict(bad)
+
+
+def test_state_dict_rejects_foreign_code_maps():
+    """A state dict whose quant_map / nested_quant_map is not the NF4 table / signed dynamic map (fp4, another
+    code book, one value nudged by an ulp) would dequantize to other values: it is refused, not ignored."""
+    sd = qk.quantize_nf4(torch.randn(64, 64), double_quant=True).state_dict()
+    qk.NF4Weight.from_state_dict(sd)  # the genuine maps load
+    nudged = NF4_TABLE.clone()
+    nudged[3] = torch.nextafter(nudged[3], torch.tensor(0.0))
+    for bad in (bnbF.get_4bit_type("fp4", device="cpu"), nudged, torch.linspace(-1, 1, 16)):
+        with pytest.raises(ValueError, match="weight.quant_map is not the NF4 table"):
+            qk.NF4Weight.from_state_dict(dict(sd, **{"weight.quant_map": bad}))
+    nudged = DYNAMIC_MAP.clone()
+    nudged[200] = torch.nextafter(nudged[200], torch.tensor(2.0))
+    for bad in (bnbF.create_dynamic_map(signed=False), nudged):
+        with pytest.raises(ValueError, match="weight.nested_quant_map is not the signed dynamic map"):
+            qk.NF4Weight.from_state_dict(dict(sd, **{"weight.nested_quant_map": bad}))
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -1,6 +1,7 @@
 """The NF4 storage format: its tables and the argument checks every op shares.
 
-Everything here is a fact of bitsandbytes' NF4 format (0.50.2), checked bit for bit by tests/test_bnb_compat.py.
+Everything here is a fact of bitsandbytes' NF4 format (0.50.2), checked bit for bit against bitsandbytes by
+tests/test_quant.py (tables, codes, scales, state dicts) and tests/test_qlora_linear.py (Linear4bit interop).
 """
 
 from __future__ import annotations
