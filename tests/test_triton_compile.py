@@ -38,10 +38,10 @@ def _record_launches(cap: int, op: str, M: int, N: int, K: int, blocksize: int, 
     """Call the real launcher on meta tensors with recorders in place of the kernels; return the launches."""
     import torch
 
-    from qlora_kernels.triton_kernels import LaunchConfig, decode, dispatch, linear_dx, linear_fwd
+    from qlora_kernels.triton_kernels import LaunchConfig, configs, decode, linear_dx, linear_fwd
 
-    dispatch.capability = lambda device: cap // 10
-    dispatch.sm_count = lambda device: 132 if cap == 90 else 108
+    configs.capability = lambda device: cap // 10
+    configs.sm_count = lambda device: 132 if cap == 90 else 108
     launches = []
 
     class Recorder:

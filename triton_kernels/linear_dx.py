@@ -16,7 +16,7 @@ from torch import Tensor
 from ._common import (
     activation, check_weight, dtype_flags, lora_bias_epilogue, lora_pair, r_pad, weight_args, weight_flags,
 )
-from .dispatch import LaunchConfig, pick_config
+from .configs import LaunchConfig, pick_config
 from .nf4_tile import nf4_tile
 
 

@@ -1,0 +1,183 @@
+"""Launch parameters of the Triton kernels: LaunchConfig, the heuristic table, and `pick_config`.
+
+Kept apart from dispatch.py so that the kernel files (which need `pick_config`) and the dispatcher (which
+needs the kernels) do not import each other: kernels import configs; dispatch imports kernels and configs.
+
+`pick_config`: tile sizes, warps and stages from HEURISTICS, keyed on (op, capability major, M bucket), then
+fitted to N, K and the blocksize. Tests override with `set_config_override` / `config_override`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1  # decode only
+    r_chunk: int = 64  # LoRA epilogue rank chunk (bounds the epilogue's registers and shared memory)
+
+
+_C = LaunchConfig
+# (op, capability major, M bucket) -> config. op: "fwd" (BLOCK_N = output columns, BLOCK_K = reduction),
+# "dx" (BLOCK_K = output columns of dx, BLOCK_N = reduction over W's rows), "decode" (M <= 16).
+# M buckets: upper bounds 16, 64, 256, 1024, and None for anything larger. Capability 0 = interpreter.
+# sm_90: 64- and 128-row tiles so tl.dot lowers to wgmma (one warpgroup per 64 rows; checked in the PTX by
+# tests/test_triton_compile.py, which also checks zero spills and the shared-memory limit for every entry);
+# BLOCK_K = 64 = the default blocksize, so each W tile row has one scale. Small M: the grid is N / BLOCK_N
+# programs, so BLOCK_N shrinks to keep >= 1 program per SM at N = 4096. NOT tuned on hardware yet.
+HEURISTICS: dict[tuple, LaunchConfig] = {
+    ("fwd", 9, 64): _C(64, 32, 64, 8, 4, 4),
+    ("fwd", 9, 256): _C(64, 128, 64, 8, 4, 4),
+    ("fwd", 9, 1024): _C(128, 128, 64, 8, 8, 3),
+    ("fwd", 9, None): _C(128, 128, 64, 8, 8, 4),  # 128x256 spills (ptxas: 420 B) with W dequantized in registers
+    ("dx", 9, 64): _C(64, 64, 64, 8, 4, 4),
+    ("dx", 9, 256): _C(64, 64, 128, 8, 4, 4),
+    ("dx", 9, 1024): _C(128, 64, 128, 8, 8, 3),
+    ("dx", 9, None): _C(128, 64, 128, 8, 8, 4),  # BLOCK_K 256 spills (ptxas: 1600 B)
+    # decode: block_m 16 = tl.dot on mma tiles for every M <= 16 (its loads are software-pipelined with
+    # cp.async; the M = 1 register-FMA variant, block_m 1, is not: the bench compares both).
+    ("decode", 9, 16): _C(16, 16, 256, 1, 4, 4),
+    # sm_80 (A100; also used for 8.6/8.9 and anything older/newer not listed): mma.sync tiles.
+    ("fwd", 8, 64): _C(64, 32, 64, 8, 4, 3),
+    ("fwd", 8, 256): _C(64, 128, 64, 8, 8, 3),  # 4 warps spilled 4 B with triton 3.6
+    ("fwd", 8, 1024): _C(128, 128, 64, 8, 8, 3),
+    ("fwd", 8, None): _C(128, 128, 64, 8, 8, 3),
+    ("dx", 8, 64): _C(64, 64, 64, 8, 4, 3),
+    ("dx", 8, 256): _C(64, 64, 128, 8, 4, 3),
+    ("dx", 8, 1024): _C(128, 64, 64, 8, 8, 3),  # BLOCK_K 128 spilled 40 B with triton 3.6
+    ("dx", 8, None): _C(128, 64, 64, 8, 8, 3),
+    ("decode", 8, 16): _C(16, 16, 256, 1, 4, 3),
+    # interpreter: small tiles (it runs every program in Python)
+    ("fwd", 0, None): _C(32, 32, 32, 4, 4, 1),
+    ("dx", 0, None): _C(32, 32, 32, 4, 4, 1),
+    ("decode", 0, 16): _C(16, 32, 64, 1, 4, 1),
+}
+# float32 activations take exact FMA dots (no tensor cores): tiles capped so they do not spill (ptxas:
+# 128x128x64 spilled ~20 KB, 64x64x32 0.6-5 KB, 64x64x16 with rank 128 ~60 B; these caps spill nothing).
+FP32_CAP = {"fwd": _C(64, 32, 16, 8, 4, 2), "dx": _C(64, 16, 32, 8, 4, 2), "decode": _C(16, 16, 64, 1, 4, 2)}
+M_BUCKETS = (16, 64, 256, 1024, None)
+
+DECODE_MAX_M = 16
+_config_override: Optional[Callable] = None
+
+
+def capability(device: torch.device) -> int:
+    """Capability major used as the table key: 0 when not on a CUDA device (interpreter), else 8 or 9."""
+    if device.type != "cuda":
+        return 0
+    major, _ = torch.cuda.get_device_capability(device)
+    return 9 if major == 9 else 8
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+
+
+def m_bucket(M: int):
+    for b in M_BUCKETS:
+        if b is not None and M <= b:
+            return b
+    return None
+
+
+def table_config(op: str, M: int, cap: int) -> LaunchConfig:
+    if op == "decode":
+        return HEURISTICS[("decode", cap, 16)]
+    if cap == 0:
+        return HEURISTICS[(op, 0, None)]
+    bucket = m_bucket(M)
+    if op in ("fwd", "dx") and bucket == 16:
+        bucket = 64
+    return HEURISTICS[(op, cap, bucket)]
+
+
+def fit_config(op: str, cfg: LaunchConfig, M: int, N: int, K: int, blocksize: int,
+               dtype: torch.dtype = torch.bfloat16, cap: int = 9) -> LaunchConfig:
+    """Clamp a config to a shape: the W tile's K width <= blocksize unless K % blocksize == 0 (nf4_tile),
+    tiles no larger than the (power-of-two padded) problem, >= 16 where tl.dot needs it; fp32 caps."""
+    p2 = lambda v: 1 << max(0, (max(1, v) - 1).bit_length())  # noqa: E731
+    bk, bn, bm, warps, stages = cfg.block_k, cfg.block_n, cfg.block_m, cfg.num_warps, cfg.num_stages
+    if dtype == torch.float32:
+        c = FP32_CAP[op]
+        bm, bn, bk = min(bm, c.block_m), min(bn, c.block_n), min(bk, c.block_k)
+        warps, stages = min(warps, c.num_warps), min(stages, c.num_stages)
+    if K % blocksize != 0:
+        # Blocks straddle rows: two candidate scales per tile row (and per-nibble parity when K is odd).
+        # ptxas spilled 16-1800 B whenever the W tile had more than 8 values per thread (128x128x32 w8,
+        # 64x128x32 w4, 128x64x64 w8); 128x64x32 w8 and smaller spill nothing.
+        bk = min(bk, blocksize, 32)
+        while bn > 16 and bn * bk > 8 * 32 * warps:
+            bn //= 2
+    bk = max(16, min(bk, p2(K)))
+    bn = max(16, min(bn, p2(N)))
+    if op == "decode":  # block_m: 1 = register FMA for M == 1, else tl.dot on 16-row tiles
+        bm = 1 if (bm == 1 and M == 1) else 16
+    else:
+        bm = max(16, min(bm, p2(M)))
+    return replace(cfg, block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                   split_k=max(1, cfg.split_k))
+
+
+def decode_split(N: int, K: int, block_n: int, block_k: int, sms: int) -> int:
+    """Split K only when N / BLOCK_N programs leave SMs idle: aim for 2 programs per SM, each chunk >= 4 tiles."""
+    programs = -(-N // block_n)
+    if programs >= sms:
+        return 1
+    return max(1, min(-(-2 * sms // programs), K // (4 * block_k)))
+
+
+def pick_config(op: str, M: int, N: int, K: int, blocksize: int, device: torch.device,
+                dtype: torch.dtype = torch.bfloat16, config: Optional[LaunchConfig] = None) -> LaunchConfig:
+    """The launch config of one call: `config` if given, else the override (tests), else the heuristic
+    table; always fitted to the shape and dtype. Decode's split_k is computed unless a config gave it."""
+    cfg = config
+    if cfg is None and _config_override is not None:
+        cfg = _config_override(op, M, N, K, blocksize) if callable(_config_override) else _config_override.get(op)
+    explicit = cfg is not None
+    cap = capability(device)
+    if cfg is None:
+        cfg = table_config(op, M, cap)
+    cfg = fit_config(op, cfg, M, N, K, blocksize, dtype, cap)
+    if op == "decode" and not explicit:
+        cfg = replace(cfg, split_k=decode_split(N, K, cfg.block_n, cfg.block_k, sm_count(device)))
+    return cfg
+
+
+def set_config_override(fn) -> None:
+    """fn(op, M, N, K, blocksize) -> LaunchConfig or None (table), or a dict {op: LaunchConfig}, or None."""
+    global _config_override
+    _config_override = fn
+
+
+@contextlib.contextmanager
+def config_override(fn):
+    global _config_override
+    old = _config_override
+    _config_override = fn
+    try:
+        yield
+    finally:
+        _config_override = old
+
+
+__all__ = [
+    "LaunchConfig", "HEURISTICS", "FP32_CAP", "M_BUCKETS", "DECODE_MAX_M", "capability", "sm_count", "m_bucket",
+    "table_config", "fit_config", "decode_split", "pick_config", "set_config_override", "config_override",
+]
