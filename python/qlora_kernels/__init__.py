@@ -37,3 +37,8 @@ from .adapters import load_adapter, save_adapter  # noqa: E402
 
 __all__ += ["QLoRALinearFunction", "qlora_linear", "QLoRALinear", "prepare_model", "PrepareReport",
             "merge_and_unload", "save_adapter", "load_adapter"]
+
+# --- big models: streaming load / save of Hugging Face checkpoints, memory planner ---
+from .checkpoint import CheckpointError, load_pretrained, save_pretrained  # noqa: E402
+
+__all__ += ["load_pretrained", "save_pretrained", "CheckpointError"]
