@@ -37,3 +37,9 @@ from .adapters import load_adapter, save_adapter  # noqa: E402
 
 __all__ += ["QLoRALinearFunction", "qlora_linear", "QLoRALinear", "prepare_model", "PrepareReport",
             "save_adapter", "load_adapter"]
+
+# --- optimizers (8-bit and paged AdamW) ---
+from . import optim  # noqa: E402
+from .optim import AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit  # noqa: E402
+
+__all__ += ["optim", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit"]
