@@ -42,3 +42,9 @@ __all__ += ["QLoRALinearFunction", "qlora_linear", "QLoRALinear", "prepare_model
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained  # noqa: E402
 
 __all__ += ["load_pretrained", "save_pretrained", "CheckpointError"]
+
+# --- optimizers (8-bit and paged AdamW) ---
+from . import optim  # noqa: E402
+from .optim import AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit  # noqa: E402
+
+__all__ += ["optim", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit"]

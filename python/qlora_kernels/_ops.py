@@ -316,3 +316,116 @@ def _(dy, packed, absmax, nested_absmax, offset, out_features, in_features, bloc
     torch._check(dy.dim() == 2, lambda: f"dy must be 2-D [M, N], got {dy.dim()}-D")
     torch._check(dy.shape[1] == out_features, lambda: f"dy has {dy.shape[1]} columns, weight has {out_features} rows")
     return dy.new_empty(dy.shape[0], in_features)
+
+
+# ============================================================================================ optimizers
+# Fused AdamW steps (qlora_kernels.optim). Each mutates param, its states and the step/skipped counters in
+# place; contract in csrc/optim_kernels.h, reference in optim/reference.py. The validation of tensors happens
+# in optim/adamw.py; the checks here guard the pointers.
+def _check_step_tensors(param: Tensor, grad: Tensor, states: tuple, step: Tensor, skipped: Tensor) -> None:
+    torch._check(param.dtype in DTYPE_CODES, lambda: f"param must be float32/float16/bfloat16, got {param.dtype}")
+    torch._check(grad.dtype == param.dtype, lambda: f"grad dtype {grad.dtype} differs from param dtype {param.dtype}")
+    torch._check(grad.numel() == param.numel(), lambda: f"grad has {grad.numel()} elements, param {param.numel()}")
+    for name, t, n in states:
+        torch._check(t.numel() == n, lambda: f"{name} has {t.numel()} elements, needs {n}")
+        torch._check(t.is_contiguous(), lambda: f"{name} must be contiguous")
+        torch._check(t.device == param.device, lambda: f"{name} is on {t.device}, param on {param.device}")
+    for name, t in (("step", step), ("skipped", skipped)):
+        torch._check(t.dtype == torch.int64 and t.numel() == 1, lambda: f"{name} must be one int64, got {t.dtype} {tuple(t.shape)}")
+    torch._check(param.is_contiguous(), lambda: "param must be contiguous")
+
+
+_optim_flags: dict = {}
+
+
+def _optim_flag(device: torch.device) -> Tensor:
+    """The kernels' int32 scratch flag on `device` (0 between calls; calls are stream-ordered)."""
+    if device not in _optim_flags:
+        _optim_flags[device] = torch.zeros((), dtype=torch.int32, device=device)
+    return _optim_flags[device]
+
+
+@torch.library.custom_op(
+    "qlora::adamw8bit_step", mutates_args=("param", "state1", "state2", "absmax1", "absmax2", "step", "skipped")
+)
+def adamw8bit_step(
+    param: Tensor,
+    grad: Tensor,
+    state1: Tensor,
+    state2: Tensor,
+    absmax1: Tensor,
+    absmax2: Tensor,
+    step: Tensor,
+    skipped: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step with blockwise 8-bit states: state1/state2 uint8 codes (numel of param; signed /
+    unsigned dynamic map), absmax1/absmax2 float32 [ceil(n / 256)], step/skipped int64 []. A gradient with
+    NaN, inf or |g| >= 2^63 leaves everything but `skipped` (+1) untouched."""
+    from .optim import reference as optim_ref
+    from .optim._format import kernel_table
+
+    n = param.numel()
+    if not use_native(param.device):
+        optim_ref.adamw8bit_step_ref(param, grad, state1, state2, absmax1, absmax2, step, skipped,
+                                     lr, beta1, beta2, eps, weight_decay)
+        return
+    grad = grad.contiguous()
+    _native("adamw8bit_step", param.device, n)(
+        param.data_ptr(), grad.data_ptr(), state1.data_ptr(), state2.data_ptr(), absmax1.data_ptr(),
+        absmax2.data_ptr(), step.data_ptr(), skipped.data_ptr(), _optim_flag(param.device).data_ptr(),
+        kernel_table(param.device).data_ptr(), n, DTYPE_CODES[param.dtype], lr, beta1, beta2, eps, weight_decay,
+    )
+
+
+@adamw8bit_step.register_fake
+def _(param, grad, state1, state2, absmax1, absmax2, step, skipped, lr, beta1, beta2, eps, weight_decay):
+    n = param.numel()
+    nb = (n + 255) // 256
+    _check_step_tensors(param, grad, (("state1", state1, n), ("state2", state2, n), ("absmax1", absmax1, nb),
+                                      ("absmax2", absmax2, nb)), step, skipped)
+    torch._check(state1.dtype == torch.uint8 and state2.dtype == torch.uint8, lambda: "8-bit states must be uint8")
+    torch._check(absmax1.dtype == torch.float32 and absmax2.dtype == torch.float32, lambda: "absmax must be float32")
+    return None
+
+
+@torch.library.custom_op("qlora::adamw32bit_step", mutates_args=("param", "exp_avg", "exp_avg_sq", "step", "skipped"))
+def adamw32bit_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    skipped: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step with float32 states exp_avg/exp_avg_sq (numel of param); counters as adamw8bit_step."""
+    from .optim import reference as optim_ref
+
+    n = param.numel()
+    if not use_native(param.device):
+        optim_ref.adamw32bit_step_ref(param, grad, exp_avg, exp_avg_sq, step, skipped,
+                                      lr, beta1, beta2, eps, weight_decay)
+        return
+    grad = grad.contiguous()
+    _native("adamw32bit_step", param.device, n)(
+        param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(),
+        skipped.data_ptr(), _optim_flag(param.device).data_ptr(), n, DTYPE_CODES[param.dtype],
+        lr, beta1, beta2, eps, weight_decay,
+    )
+
+
+@adamw32bit_step.register_fake
+def _(param, grad, exp_avg, exp_avg_sq, step, skipped, lr, beta1, beta2, eps, weight_decay):
+    n = param.numel()
+    _check_step_tensors(param, grad, (("exp_avg", exp_avg, n), ("exp_avg_sq", exp_avg_sq, n)), step, skipped)
+    torch._check(exp_avg.dtype == torch.float32 and exp_avg_sq.dtype == torch.float32, lambda: "states must be float32")
+    return None

@@ -1,0 +1,119 @@
+"""One optimizer step on a flat parameter of 1M / 16M / 64M elements, side by side in one run:
+
+    python -m bench.bench_optim [--device cpu|cuda] [--sizes 1,16,64] [--dtype float32] [--reps 10] [--out DIR]
+
+Implementations (those that import and run here): qlora_kernels AdamW8bit (fused 8-bit kernel) and
+PagedAdamW (fused 32-bit kernel; on the CPU paging is off), torch.optim.AdamW foreach and fused,
+bitsandbytes AdamW8bit, torchao AdamW8bit. Rows: median step ms with the p20-p80 spread, GB/s of the bytes
+each step must move (param read+write, grad read, states read+write), % of the measured copy bandwidth,
+state bytes per parameter, and qlora_kernels AdamW8bit's speedup over each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+
+from bench.harness import copy_ceiling_gbs, device_meta, print_table, time_fn, with_rates, write_results
+
+
+def _state_bytes(opt) -> int:
+    total = 0
+    seen = set()
+
+    def add(t):
+        nonlocal total
+        if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            names, _ = t.__tensor_flatten__()
+            for name in names:
+                add(getattr(t, name))
+            return
+        key = (t.untyped_storage().data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+
+    for s in opt.state.values():
+        for v in s.values():
+            if isinstance(v, torch.Tensor):
+                add(v)
+    return total
+
+
+def _impls(device):
+    import qlora_kernels
+
+    impls = {
+        "qlora_kernels AdamW8bit": lambda ps: qlora_kernels.optim.AdamW8bit(ps, lr=1e-3),
+        "qlora_kernels PagedAdamW (32-bit)": lambda ps: qlora_kernels.optim.PagedAdamW(ps, lr=1e-3),
+        "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+    }
+    try:
+        import bitsandbytes as bnb
+
+        impls["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3)
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"bitsandbytes unavailable: {exc}")
+    try:
+        from torchao.optim import AdamW8bit as AoAdamW8bit
+
+        impls["torchao AdamW8bit"] = lambda ps: AoAdamW8bit(ps, lr=1e-3)
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"torchao unavailable: {exc}")
+    return impls
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", default="1,16,64", help="parameter counts in Mi elements")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    copy_gbs = copy_ceiling_gbs(device)
+    rows = []
+    for mi in [int(s) for s in args.sizes.split(",")]:
+        n = mi << 20
+        torch.manual_seed(0)
+        init = torch.randn(n, dtype=dtype, device=device)
+        grad = torch.randn(n, dtype=dtype, device=device) * 1e-3
+        case_rows = []
+        for name, make in _impls(device).items():
+            p = torch.nn.Parameter(init.clone())
+            p.grad = grad.clone()
+            try:
+                opt = make([p])
+                opt.step()  # creates the states
+            except Exception as exc:  # noqa: BLE001
+                print(f"  {name} at {mi}M: does not run here ({type(exc).__name__}: {exc})")
+                continue
+            reps = args.reps if n <= (16 << 20) else max(3, args.reps // 2)
+            t = time_fn(opt.step, device, warmup=1, reps=reps)
+            sb = _state_bytes(opt)
+            ps = p.element_size()
+            moved = n * (3 * ps) + 2 * sb  # param r+w, grad r, states r+w
+            row = {"case": f"{mi}M {args.dtype}", "impl": name, **t, "spread_ms": f"{t['p20_ms']:.1f}-{t['p80_ms']:.1f}",
+                   "state_B/param": sb / n}
+            case_rows.append(with_rates(row, nbytes=moved, copy_gbs=copy_gbs))
+            del opt, p
+        ours = next((r for r in case_rows if r["impl"] == "qlora_kernels AdamW8bit"), None)
+        for r in case_rows:
+            if ours is not None:
+                r["speedup"] = r["median_ms"] / ours["median_ms"]
+        rows += case_rows
+    meta = device_meta(device)
+    meta["copy_GB/s"] = copy_gbs
+    print(f"{meta['device']}; copy ceiling {copy_gbs:.1f} GB/s; threads {meta['cpu_threads']}")
+    print_table(rows, cols=("case", "impl", "median_ms", "spread_ms", "GB/s", "%copy", "state_B/param", "speedup"))
+    print("speedup = that row's step time / qlora_kernels AdamW8bit's (> 1: ours is faster)")
+    print(write_results("optim", rows, meta, args.out))
+
+
+if __name__ == "__main__":
+    main()

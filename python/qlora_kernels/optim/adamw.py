@@ -1,0 +1,222 @@
+"""AdamW with fused native update kernels: 8-bit blockwise states (AdamW8bit), paged states (PagedAdamW,
+PagedAdamW32bit, PagedAdamW8bit).
+
+Semantics are torch.optim.AdamW's (decoupled weight decay, bias correction, param groups, LR schedulers,
+closures, zero_grad, state_dict / load_state_dict; resuming from a state dict continues the same trajectory
+bit for bit). Not supported: maximize, amsgrad, sparse gradients.
+
+Per tensor and step, one native call (qlora::adamw8bit_step / qlora::adamw32bit_step): dequantize the states,
+update in float32, write the parameter in its dtype, requantize. State keys (bitsandbytes' names):
+    8-bit  (tensors with >= min_8bit_size elements): state1, state2 uint8 codes (shape of the parameter),
+           absmax1, absmax2 float32 [ceil(n / 256)]
+    32-bit (smaller tensors, and the 32-bit optimizers): state1, state2 float32 (shape of the parameter)
+    step, skipped: int64 [] on the parameter's device
+Non-finite gradients: a gradient holding NaN, inf or |g| >= 2^63 skips that tensor's step (parameter, states
+and step unchanged) and adds 1 to its `skipped` counter; `skipped_steps()` sums them. Decided on the device,
+without a host synchronization.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+
+from .. import _ops
+from ._format import MIN_8BIT_SIZE, num_state_blocks
+from .paged import managed_zeros, paging_available, prefetch
+
+_STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "step", "skipped")
+
+
+def _check_hyper(lr, betas, eps, weight_decay) -> None:
+    lr = float(lr)
+    if not 0.0 <= lr < float("inf"):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
+    if not 0.0 <= float(eps) < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if not 0.0 <= float(weight_decay) < float("inf"):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+
+
+class _FusedAdamW(torch.optim.Optimizer):
+    """Shared implementation; the public classes fix the state width and paging."""
+
+    _optim_bits = 8
+    _paged = False
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        min_8bit_size: int = MIN_8BIT_SIZE,
+        maximize: bool = False,
+        amsgrad: bool = False,
+    ):
+        _check_hyper(lr, betas, eps, weight_decay)
+        if maximize:
+            raise ValueError("maximize=True is not supported by qlora_kernels.optim (minimize the negated loss)")
+        if amsgrad:
+            raise ValueError("amsgrad=True is not supported by qlora_kernels.optim")
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        self.min_8bit_size = min_8bit_size
+        self._managed_storages: set = set()  # data_ptr of every state storage allocated in managed memory
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    # ------------------------------------------------------------------------------------------ states
+    def _uses_8bit(self, p: torch.Tensor) -> bool:
+        return self._optim_bits == 8 and p.numel() >= self.min_8bit_size
+
+    def _zeros(self, shape, dtype, device) -> torch.Tensor:
+        if self._paged and paging_available(device):
+            t = managed_zeros(shape, dtype, device)
+            self._managed_storages.add(t.untyped_storage().data_ptr())
+            return t
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    def _new_state(self, p: torch.Tensor) -> dict:
+        dev = p.device
+        state = {"step": torch.zeros((), dtype=torch.int64, device=dev),
+                 "skipped": torch.zeros((), dtype=torch.int64, device=dev)}
+        if self._uses_8bit(p):
+            nb = num_state_blocks(p.numel())
+            # codes 0 with absmax 0 read back as zeros (bitsandbytes initialises them the same way)
+            state["state1"] = self._zeros(p.shape, torch.uint8, dev)
+            state["state2"] = self._zeros(p.shape, torch.uint8, dev)
+            state["absmax1"] = self._zeros((nb,), torch.float32, dev)
+            state["absmax2"] = self._zeros((nb,), torch.float32, dev)
+        else:
+            state["state1"] = self._zeros(p.shape, torch.float32, dev)
+            state["state2"] = self._zeros(p.shape, torch.float32, dev)
+        return state
+
+    def _state_tensors(self, state: dict):
+        return [state[k] for k in ("state1", "state2", "absmax1", "absmax2") if k in state]
+
+    # ------------------------------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over every parameter with a gradient. Returns closure()'s loss when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            lr, beta1, beta2, eps, wd = float(lr), float(beta1), float(beta2), float(eps), float(wd)
+            _check_hyper(lr, (beta1, beta2), eps, wd)  # a scheduler or a user may have changed the group
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("qlora_kernels.optim does not support sparse gradients")
+                if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+                    raise RuntimeError(
+                        f"gradient {p.grad.dtype} {tuple(p.grad.shape)} does not match parameter {p.dtype} {tuple(p.shape)}"
+                    )
+                state = self.state[p]
+                if not state:
+                    state.update(self._new_state(p))
+                if self._managed_storages and p.device.type == "cuda":
+                    prefetch([t for t in self._state_tensors(state)
+                              if t.untyped_storage().data_ptr() in self._managed_storages], p.device)
+                target = p if p.is_contiguous() else p.contiguous()
+                if "absmax1" in state:
+                    _ops.adamw8bit_step(target, p.grad, state["state1"], state["state2"], state["absmax1"],
+                                        state["absmax2"], state["step"], state["skipped"], lr, beta1, beta2, eps, wd)
+                else:
+                    _ops.adamw32bit_step(target, p.grad, state["state1"], state["state2"], state["step"],
+                                         state["skipped"], lr, beta1, beta2, eps, wd)
+                if target is not p:
+                    p.copy_(target)
+        return loss
+
+    # ------------------------------------------------------------------------------------------ reports
+    def skipped_steps(self) -> int:
+        """Tensor steps skipped for non-finite gradients since the states were created (synchronizes)."""
+        return int(sum(int(s["skipped"]) for s in self.state.values() if "skipped" in s))
+
+    def state_bytes(self) -> dict:
+        """Bytes of optimizer state: {"managed": in CUDA managed memory, "other": everywhere else}."""
+        managed = other = 0
+        for s in self.state.values():
+            for t in s.values():
+                if isinstance(t, torch.Tensor):
+                    nbytes = t.numel() * t.element_size()
+                    if t.untyped_storage().data_ptr() in self._managed_storages:
+                        managed += nbytes
+                    else:
+                        other += nbytes
+        return {"managed": managed, "other": other}
+
+    # ------------------------------------------------------------------------------------------ state dicts
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict, but the states keep their dtypes (torch would cast float32 states and absmax
+        to a bfloat16 parameter's dtype) and land on the parameter's device (managed memory when paged)."""
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in self.param_groups)))
+        for old_id, p in id_map.items():
+            if old_id in saved_state:
+                self.state[p] = self._restore_state(p, saved_state[old_id], old_id)
+
+    def _restore_state(self, p: torch.Tensor, saved: dict, key) -> dict:
+        expected = self._new_state(p)
+        missing = [k for k in expected if k not in saved]
+        if missing:
+            raise ValueError(
+                f"optimizer state of parameter {key} lacks {missing} (has {sorted(saved)}); was it saved by "
+                f"{type(self).__name__} with the same min_8bit_size?"
+            )
+        for k, fresh in expected.items():
+            value = saved[k]
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            if value.dtype != fresh.dtype or value.numel() != fresh.numel():
+                raise ValueError(
+                    f"optimizer state {k!r} of parameter {key}: expected {fresh.dtype} with {fresh.numel()} elements, "
+                    f"got {value.dtype} with {value.numel()} (saved by a different optimizer or parameter shape?)"
+                )
+            fresh.copy_(value.reshape(fresh.shape))
+        return expected
+
+
+class AdamW8bit(_FusedAdamW):
+    """AdamW with blockwise 8-bit states (about 2.03 bytes of state per parameter instead of 8).
+
+    Tensors with fewer than `min_8bit_size` (4096) elements keep float32 states. Defaults as bitsandbytes'
+    AdamW8bit (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2).
+    """
+
+    _optim_bits = 8
+    _paged = False
+
+
+class PagedAdamW8bit(_FusedAdamW):
+    """AdamW8bit with its states in CUDA managed memory (paged out by the driver under memory pressure)."""
+
+    _optim_bits = 8
+    _paged = True
+
+
+class PagedAdamW(_FusedAdamW):
+    """AdamW with float32 states in CUDA managed memory."""
+
+    _optim_bits = 32
+    _paged = True
+
+
+class PagedAdamW32bit(PagedAdamW):
+    """bitsandbytes' name for PagedAdamW."""
