@@ -399,4 +399,5 @@ def test_meta_init_load_from_rank0_and_a_failing_rank(tmp_path):
         assert a.abs().max() <= bound and a.std() > bound / 4
     assert all("layers.0.up.weight has shape [3, 3]" in r["bad_load"] for r in res), [r["bad_load"] for r in res]
     assert "ValueError" in res[1]["bad_input"] and "x has shape (4, 15)" in res[1]["bad_input"], res[1]["bad_input"]
+    print("rank 0:", res[0]["bad_input"][:300], f"after {res[0]['bad_input_s']:.1f} s")
     assert res[0]["bad_input"] != "no error" and res[0]["bad_input_s"] < PG_TIMEOUT_S + 30

@@ -367,7 +367,7 @@ def load_from_rank0(model: nn.Module, tensors: Optional[Iterable] = None, init_a
     expected = {k for k in own if "lora_" not in k}
     for path, m in layers.items():
         p = path + "." if path else ""
-        expected -= {p + n for n in ("weight_packed", "weight_absmax", "weight_nested_absmax", "weight_offset")}
+        expected = {k for k in expected if not (k.startswith(p + "weight_") or k.startswith(p + "weight."))}
         expected.add(p + "weight")
     loaded = set()
     while True:

@@ -47,7 +47,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     nested_absmax = offset = None
     if double_quant:
         absmax, nested_absmax, offset = _ops.double_quantize(absmax)
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(offset)):
+        if not torch.compiler.is_compiling() and not offset.is_meta and not bool(torch.isfinite(offset)):
             raise ValueError(
                 "w's block scales are too large to double-quantize (their float32 mean overflows); "
                 "use double_quant=False"
