@@ -37,3 +37,8 @@ from .adapters import load_adapter, save_adapter  # noqa: E402
 
 __all__ += ["QLoRALinearFunction", "qlora_linear", "QLoRALinear", "prepare_model", "PrepareReport",
             "save_adapter", "load_adapter"]
+
+# --- several processes: FSDP2 sharding of the NF4 weights, state dicts, meta init (distributed.py) ---
+from .distributed import full_state_dict, load_from_rank0, load_sharded, save_sharded, shard_model  # noqa: E402
+
+__all__ += ["shard_model", "full_state_dict", "save_sharded", "load_sharded", "load_from_rank0"]
