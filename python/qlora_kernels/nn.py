@@ -140,7 +140,8 @@ class QLoRALinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() would cast the float32 scales: apply only the device part of fn to them.
-        saved = {n: self._buffers.pop(n) for n in _NF4_BUFFERS if n in self._buffers}  # uint8 parameters: .to(dtype) skips them
+        # (distributed.py makes packed / absmax uint8 parameters: .to(dtype) never casts integer parameters)
+        saved = {n: self._buffers.pop(n) for n in _NF4_BUFFERS if n in self._buffers}
         try:
             super()._apply(fn, recurse)
         finally:
