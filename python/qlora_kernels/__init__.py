@@ -48,3 +48,8 @@ from . import optim  # noqa: E402
 from .optim import AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit  # noqa: E402
 
 __all__ += ["optim", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit"]
+
+# --- several processes: FSDP2 sharding of the NF4 weights, state dicts, meta init (distributed.py) ---
+from .distributed import full_state_dict, load_from_rank0, load_sharded, save_sharded, shard_model  # noqa: E402
+
+__all__ += ["shard_model", "full_state_dict", "save_sharded", "load_sharded", "load_from_rank0"]

@@ -14,6 +14,7 @@ commands:
   demo    quantize all-MiniLM-L6-v2 to NF4, fine-tune LoRA adapters on a small task, save and reload them
           (offline; about a minute on a laptop CPU). Options: --steps N --batch-size B --r R --alpha A --lr LR
           --out DIR (keep the adapter) --device cpu|cuda --seed S
+          --fsdp: shard over the processes of `torchrun --nproc-per-node N -m qlora_kernels demo --fsdp`
   info    print what is compiled and what is usable here (CPU SIMD path, CUDA kernels, Triton) and versions
 """
 
@@ -81,11 +82,12 @@ def main(argv=None) -> int:
         parser.add_argument("--out", type=_out_dir, default=None, help="directory to keep the saved adapter in")
         parser.add_argument("--device", type=_device, default=None)
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--fsdp", action="store_true", help="FSDP2 over the processes of a torchrun job")
         args = parser.parse_args(rest)
         from .demo import run
 
         result = run(steps=args.steps, batch_size=args.batch_size, r=args.r, alpha=args.alpha, lr=args.lr,
-                     out=args.out, device=args.device, seed=args.seed)
+                     out=args.out, device=args.device, seed=args.seed, fsdp=args.fsdp)
         return 0 if result["reload_max_diff"] == 0.0 else 1
     print(f"unknown command {command!r}\n", file=sys.stderr)
     print(USAGE, end="", file=sys.stderr)

@@ -135,7 +135,35 @@ def peak_memory_mib(device) -> tuple[float, str]:
 
 # --------------------------------------------------------------------------------------------------- the run
 def run(steps: int = 30, batch_size: int = 32, r: int = 8, alpha: float = 16, lr: float = 3e-3,
-        out: str | None = None, device: str | None = None, seed: int = 0) -> dict:
+        out: str | None = None, device: str | None = None, seed: int = 0, fsdp: bool = False) -> dict:
+    """The demo; with fsdp, one process of a `torchrun` job: the model is sharded with FSDP2 over all of them
+    (gloo on CPU, NCCL on GPUs), each takes its slice of every batch, and rank 0 reports."""
+    if not fsdp:
+        return _run(steps, batch_size, r, alpha, lr, out, device, seed, None)
+    import contextlib
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("--fsdp runs under torchrun: torchrun --nproc-per-node 2 -m qlora_kernels demo --fsdp")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    import datetime
+
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=5))
+    try:
+        rank = dist.get_rank()
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if rank == 0 else devnull):
+            return _run(steps, batch_size, r, alpha, lr, out, str(dev), seed, (rank, dist.get_world_size()))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(steps, batch_size, r, alpha, lr, out, device, seed, distributed) -> dict:
     t_start = time.perf_counter()
     transformers = quiet_imports()
     from tqdm.auto import tqdm
@@ -146,6 +174,9 @@ def run(steps: int = 30, batch_size: int = 32, r: int = 8, alpha: float = 16, lr
     torch.manual_seed(seed)
     random.seed(seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = distributed or (0, 1)
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of the {world} processes")
     path = model_dir()
     info = backend_info()
     linear_path = "triton" if dev.type == "cuda" and info["triton"] else ("native" if info["native_cpu"] else "reference")
@@ -171,7 +202,7 @@ def run(steps: int = 30, batch_size: int = 32, r: int = 8, alpha: float = 16, lr
     linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in original.modules() if isinstance(m, nn.Linear))
     print(f"\n== 1. quantize every Linear to NF4 (double quantization)   [t={time.perf_counter() - t_start:.1f} s]")
     report = prepare_model(model, target_modules="all-linear", exclude_modules=["head"], r=r, alpha=alpha,
-                           dropout=0.05, verbose=False, progress=True)
+                           dropout=0.05, verbose=False, progress=rank == 0)
     nf4_bytes = sum(m.weight.nbytes for m in qlora_modules(model).values())
     enc_before, enc_after = model_memory(original), model_memory(model.encoder)
     print(f"  {len(report.replaced)} Linear layers, {report.quantized_params:,} weights: "
@@ -214,6 +245,17 @@ def run(steps: int = 30, batch_size: int = 32, r: int = 8, alpha: float = 16, lr
           "(held-out nouns and adjectives never seen in training)")
     print(f"  held-out before (zero-shot prototypes): accuracy {acc_before:.3f}, loss {loss_before:.3f}")
     model.head.weight.requires_grad_(True)
+    if distributed:
+        from .distributed import nf4_shard_bytes, shard_model
+
+        shard_model(model)  # every encoder layer, then the root (embeddings, head)
+        nf4 = nf4_shard_bytes(model)
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+                    for p in model.parameters())
+        print(f"  FSDP2 over {world} processes ({'NCCL' if dev.type == 'cuda' else 'gloo'}), rank 0 holds: NF4 "
+              f"{(nf4['sharded'] + nf4['replicated']) / 2**20:.2f} of {nf4['total_unsharded'] / 2**20:.2f} MiB "
+              f"({nf4['replicated'] / 2**10:.0f} KiB replicated: nested scales), parameters {local / 2**20:.2f} MiB; "
+              f"each rank trains on {batch_size // world} of every {batch_size} sentences")
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     opt = torch.optim.AdamW([{"params": lora, "lr": lr}, {"params": [model.head.weight], "lr": lr * 5}],
                             weight_decay=0.0)
@@ -224,11 +266,12 @@ def run(steps: int = 30, batch_size: int = 32, r: int = 8, alpha: float = 16, lr
         torch.cuda.reset_peak_memory_stats(dev)
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc="  training", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc="  training", unit="step", file=sys.stderr, dynamic_ncols=True, disable=rank != 0)
     for _ in bar:
         if len(order) < batch_size:
             order += rng.sample(range(len(train)), len(train))
         idx, order = order[:batch_size], order[batch_size:]
+        idx = idx[rank * batch_size // world:(rank + 1) * batch_size // world]  # this process's slice
         ids, mask = batch([train[i][0] for i in idx])
         labels = torch.tensor([train[i][1] for i in idx], device=dev)
         loss = F.cross_entropy(model(ids, mask), labels)
@@ -237,6 +280,10 @@ def run(steps: int = 30, batch_size: int = 32, r: int = 8, alpha: float = 16, lr
         opt.step()
         sched.step()
         tokens += int(mask.sum())
+        if distributed:  # the loss of the whole batch (equal slices: the mean of the slices' means)
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= world
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
@@ -245,6 +292,12 @@ def run(steps: int = 30, batch_size: int = 32, r: int = 8, alpha: float = 16, lr
     train_s = time.perf_counter() - t0
     acc_after, loss_after = evaluate()
     peak, peak_what = peak_memory_mib(dev)
+    if distributed:
+        counts = torch.tensor([float(tokens), peak])
+        gathered = [torch.zeros(2) for _ in range(world)]
+        torch.distributed.all_gather(gathered, counts)
+        tokens = int(sum(g[0].item() for g in gathered))
+        peak_what += " per rank: " + ", ".join(f"{g[1].item():.0f}" for g in gathered[1:]) + " MiB; rank 0"
     k = max(1, steps // 10)
     print(f"  train loss: first {sum(losses[:k]) / k:.3f} -> last {sum(losses[-k:]) / k:.3f} "
           f"(mean of {k} steps), {steps} steps of {batch_size}")
@@ -253,6 +306,24 @@ def run(steps: int = 30, batch_size: int = 32, r: int = 8, alpha: float = 16, lr
     print(f"  speed: {tokens / train_s:,.0f} tokens/s ({train_s:.1f} s), {peak_what}: {peak:.0f} MiB")
 
     # ---- 3. save, reload, compare
+    if distributed:  # rank 0 gathers the whole model (bitsandbytes keys) into an unsharded copy and goes on
+        from .distributed import full_state_dict
+
+        model.eval()
+        with torch.no_grad():
+            sharded_logits = model(test_ids, test_mask)
+        full = full_state_dict(model)
+        if rank != 0:
+            return {"acc_before": acc_before, "acc_after": acc_after, "reload_max_diff": 0.0}
+        model = SentenceClassifier(load_base()).to(dev)
+        prepare_model(model, target_modules="all-linear", exclude_modules=["head"], r=r, alpha=alpha,
+                      dropout=0.05, verbose=False)
+        model.load_state_dict(full)
+        model.eval()
+        with torch.no_grad():
+            gathered_diff = (model(test_ids, test_mask) - sharded_logits).abs().max().item()
+        print(f"\n  gathered to rank 0 (full state dict, bitsandbytes keys): max |logit diff| vs the sharded "
+              f"model = {gathered_diff:.3g}")
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="qlora_demo_")

@@ -138,14 +138,18 @@ class QLoRALinear(nn.Module):
             self.register_buffer(name, t, persistent=False)
         self._weight_cache = None
 
+    def _nf4_tensors(self) -> tuple:
+        """(packed, absmax, nested_absmax, offset) as the ops take them (distributed.py stores them by rows)."""
+        return self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset
+
     @property
     def weight(self) -> NF4Weight:
         """The NF4Weight over this module's buffers (read-only; set a new one with `set_weight`)."""
         key = tuple(id(getattr(self, n)) for n in _NF4_BUFFERS)
         if self._weight_cache is None or self._weight_cache[0] != key:
-            w = NF4Weight(self.weight_packed, self.weight_absmax, shape=(self.out_features, self.in_features),
-                          dtype=self.weight_dtype, blocksize=self.blocksize,
-                          nested_absmax=self.weight_nested_absmax, offset=self.weight_offset)
+            packed, absmax, nested, offset = self._nf4_tensors()
+            w = NF4Weight(packed, absmax, shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
+                          blocksize=self.blocksize, nested_absmax=nested, offset=offset)
             self._weight_cache = (key, w)
         return self._weight_cache[1]
 
@@ -161,7 +165,8 @@ class QLoRALinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() would cast the float32 scales: apply only the device part of fn to them.
-        saved = {n: self._buffers.pop(n) for n in _NF4_BUFFERS}
+        # (distributed.py makes packed / absmax uint8 parameters: .to(dtype) never casts integer parameters)
+        saved = {n: self._buffers.pop(n) for n in _NF4_BUFFERS if n in self._buffers}
         try:
             super()._apply(fn, recurse)
         finally:
@@ -188,7 +193,7 @@ class QLoRALinear(nn.Module):
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         return _qlora_linear(
-            x, self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset,
+            x, *self._nf4_tensors(),
             (self.out_features, self.in_features), self.blocksize, self.lora_A.weight, self.lora_B.weight,
             self.scaling, self.bias, self.dropout, self.training,
         )

@@ -1,0 +1,466 @@
+"""FSDP2 for prepared models: the NF4 weights sharded byte for byte, full and sharded state dicts, meta init.
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`) shards parameters on dim 0 and leaves buffers replicated; a
+MixedPrecisionPolicy casts floating parameters but never integer ones, and its all-gather moves mixed dtypes
+as raw bytes. So `shard_model` stores each QLoRALinear's NF4 weight by rows as frozen uint8 parameters:
+
+    weight_packed   uint8 [N, K / 2]             the packed codes of row i are bytes [i K/2, (i+1) K/2)
+    weight_absmax   uint8 [N, K / blocksize]     double-quantized scale codes (row i owns its K / blocksize blocks)
+                    uint8 [N, 4 K / blocksize]   without double quantization: the float32 scales' bytes
+    weight_nested_absmax, weight_offset          float32 buffers (one per 256 blocks: small), replicated
+
+Each rank then holds ceil(N / world) rows of every NF4 weight (FSDP2 pads the last rank), the all-gather
+before a layer's forward and backward rebuilds the exact bytes, and no cast can touch them. This needs
+blocks that do not straddle rows (in_features % blocksize == 0, true of every real model); other layers keep
+their flat buffers, replicated on every rank, and `shard_model` says so once.
+
+State dicts of a sharded model use the attribute names above (DTensors for the sharded ones): that is what
+torch.distributed.checkpoint saves (`save_sharded`) and reloads on any world size (`load_sharded`, also into
+a single-process model). `full_state_dict` gathers the bitsandbytes Linear4bit keys to rank 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .model import qlora_modules
+from .nn import QLoRALinear
+from .weight import NF4Weight
+
+__all__ = [
+    "ShardedQLoRALinear",
+    "to_row_layout",
+    "to_flat_layout",
+    "find_layers",
+    "shard_model",
+    "nf4_shard_bytes",
+    "full_state_dict",
+    "save_sharded",
+    "load_sharded",
+    "load_from_rank0",
+]
+
+_REPLICATED = ("weight_nested_absmax", "weight_offset")
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _row_shardable(m: QLoRALinear) -> bool:
+    return m.in_features % m.blocksize == 0
+
+
+class ShardedQLoRALinear(QLoRALinear):
+    """A QLoRALinear whose packed codes and scale codes are frozen uint8 parameters in row layout
+    (see the module docstring), so that FSDP2 shards them on dim 0. Made by `to_row_layout`, not directly.
+
+    Outside forward, under FSDP2, the NF4 parameters are sharded DTensors: `weight` then raises (gather the
+    model with `full_state_dict`, a collective, instead).
+    """
+
+    def _nf4_tensors(self) -> tuple:
+        packed, absmax = self.weight_packed, self.weight_absmax
+        if _is_dtensor(packed) or _is_dtensor(absmax):
+            raise RuntimeError(
+                "this QLoRALinear's NF4 weight is sharded by FSDP2 (weight_packed is a DTensor): use it inside "
+                "forward, or gather it with qlora_kernels.distributed.full_state_dict(model) on every rank"
+            )
+        if self.weight_nested_absmax is None:  # float32 scales stored as their bytes: view them back
+            absmax = absmax.view(torch.float32)
+        return packed.reshape(-1), absmax.reshape(-1), self.weight_nested_absmax, self.weight_offset
+
+    def extra_repr(self) -> str:
+        nbytes = sum(t.numel() * t.element_size() for t in (self.weight_packed, self.weight_absmax,
+                                                              self.weight_nested_absmax, self.weight_offset)
+                     if t is not None)
+        dq = "double_quant" if self.weight_nested_absmax is not None else "single_quant"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"nf4(blocksize={self.blocksize}, {dq}, {8.0 * nbytes / (self.in_features * self.out_features):.3f} "
+            f"bits/param, row layout), r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, "
+            f"dropout={self.dropout:g}"
+        )
+
+    # The state dict holds the tensors under their attribute names (DTensors when sharded): the layout that
+    # torch.distributed.checkpoint saves and reshards. full_state_dict() writes the bitsandbytes keys.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)  # weight_packed, weight_absmax, bias
+        for name in _REPLICATED:
+            t = getattr(self, name)
+            if t is not None:
+                destination[prefix + name] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        own = {prefix + n for n in _REPLICATED}
+        for name in _REPLICATED:
+            t, key = getattr(self, name), prefix + name
+            if t is None:
+                continue
+            if key not in state_dict:
+                missing_keys.append(key)
+            elif tuple(state_dict[key].shape) != tuple(t.shape) or state_dict[key].dtype != t.dtype:
+                error_msgs.append(f"{key}: expected {t.dtype} {tuple(t.shape)}, got "
+                                  f"{state_dict[key].dtype} {tuple(state_dict[key].shape)}")
+            else:
+                with torch.no_grad():
+                    t.copy_(state_dict[key])
+        rest = {k: v for k, v in state_dict.items() if k not in own}
+        for key in rest:
+            if key == prefix + "weight" or key.startswith(prefix + "weight."):
+                error_msgs.append(f"{key}: this layer is in FSDP row layout (weight_packed, weight_absmax, ...); "
+                                  "load a bitsandbytes-keyed state dict with load_from_rank0 or into an unsharded model")
+                break
+        nn.Module._load_from_state_dict(self, rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                        error_msgs)
+
+
+def to_row_layout(model: nn.Module) -> list[str]:
+    """Store every row-shardable QLoRALinear of `model` in row layout (in place; works on the meta device).
+
+    Returns the paths of the layers left as they are (in_features % blocksize != 0: their blocks straddle
+    rows, so their NF4 buffers can only be replicated). Idempotent.
+    """
+    replicated = []
+    for name, m in qlora_modules(model).items():
+        if isinstance(m, ShardedQLoRALinear):
+            continue
+        if not _row_shardable(m):
+            replicated.append(name)
+            continue
+        n, k = m.out_features, m.in_features
+        packed = m._buffers.pop("weight_packed").reshape(n, k // 2)
+        absmax = m._buffers.pop("weight_absmax")
+        if m.weight_nested_absmax is None:
+            absmax = absmax.view(torch.uint8)  # float32 scales as bytes: an integer parameter is never cast
+        m.weight_packed = nn.Parameter(packed.reshape(n, k // 2), requires_grad=False)
+        m.weight_absmax = nn.Parameter(absmax.reshape(n, -1), requires_grad=False)
+        m.__class__ = ShardedQLoRALinear
+        m._weight_cache = None
+    return replicated
+
+
+def to_flat_layout(model: nn.Module) -> nn.Module:
+    """Undo `to_row_layout` on a model that is not sharded (e.g. after `load_sharded` in one process):
+    every QLoRALinear gets its flat NF4 buffers and bitsandbytes state-dict keys back. In place."""
+    for name, m in qlora_modules(model).items():
+        if not isinstance(m, ShardedQLoRALinear):
+            continue
+        if _is_dtensor(m.weight_packed):
+            raise RuntimeError(f"{name} is sharded by FSDP2: gather it with full_state_dict() instead")
+        packed, absmax, _, _ = m._nf4_tensors()
+        del m.weight_packed, m.weight_absmax
+        m.register_buffer("weight_packed", packed.detach().reshape(-1, 1), persistent=False)
+        m.register_buffer("weight_absmax", absmax.detach().reshape(-1), persistent=False)
+        # keep the buffer order of QLoRALinear (packed, absmax, nested, offset)
+        for n in _REPLICATED:
+            m._buffers[n] = m._buffers.pop(n)
+        m.__class__ = QLoRALinear
+        m._weight_cache = None
+    return model
+
+
+def find_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: the children of every outermost nn.ModuleList holding a
+    QLoRALinear (decoder layers of Hugging Face models: model.layers, encoder.layer, transformer.h, ...)."""
+    found, taken = [], []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or any(name.startswith(t + ".") for t in taken):
+            continue
+        kids = [c for c in m if any(isinstance(s, QLoRALinear) for s in c.modules())]
+        if kids:
+            found += kids
+            taken.append(name)
+    return found
+
+
+def _default_mesh(model: nn.Module):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dev = next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
+    return init_device_mesh(dev.type, (dist.get_world_size(),))
+
+
+def shard_model(model: nn.Module, mesh=None, *, layers: Optional[Iterable[nn.Module]] = None, mp_policy=None,
+                reshard_after_forward: bool = True, activation_checkpointing: bool = False,
+                verbose: bool = True) -> nn.Module:
+    """Shard a prepared model with FSDP2: `fully_shard` on each layer, then on the root. In place.
+
+    Args:
+        model: a model after `prepare_model` (on its device, or on meta: see `load_from_rank0`).
+        mesh: a 1-D DeviceMesh (default: every process of the default group, on the parameters' device type;
+            on CPU that needs the gloo backend).
+        layers: modules to shard one by one (default: `find_layers(model)`, e.g. the decoder layers).
+        mp_policy: a `torch.distributed.fsdp.MixedPrecisionPolicy` (e.g. param_dtype=torch.bfloat16): it casts
+            the adapters and dense parameters, never the uint8 NF4 codes.
+        reshard_after_forward: free each layer's gathered parameters after its forward (re-gather in backward).
+        activation_checkpointing: recompute each layer's activations in backward (composable checkpoint; keeps
+            the parameter names).
+        verbose: say once (rank 0) which layers stay replicated.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("shard_model needs torch.distributed initialized (torchrun, or dist.init_process_group)")
+    if not qlora_modules(model):
+        raise ValueError(f"{type(model).__name__} has no QLoRALinear: call prepare_model(model) before shard_model")
+    if not isinstance(reshard_after_forward, bool):
+        raise TypeError(f"reshard_after_forward must be a bool, got {reshard_after_forward!r}")
+    mesh = _default_mesh(model) if mesh is None else mesh
+    replicated = to_row_layout(model)
+    if replicated and verbose and dist.get_rank() == 0:
+        shown = ", ".join(replicated[:6]) + (" ..." if len(replicated) > 6 else "")
+        warnings.warn(f"{len(replicated)} QLoRALinear layer(s) have in_features % blocksize != 0 (NF4 blocks "
+                      f"straddle rows): their NF4 weights stay replicated on every rank: {shown}", stacklevel=2)
+    layers = find_layers(model) if layers is None else list(layers)
+    kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
+                  mp_policy=MixedPrecisionPolicy() if mp_policy is None else mp_policy)
+    for layer in layers:
+        if layer is model:
+            raise ValueError("layers must not contain the model itself (it is sharded last, as the root)")
+        if activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+
+            checkpoint(layer)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def nf4_shard_bytes(model: nn.Module) -> dict:
+    """Bytes of NF4 storage of `model` on this rank: {"sharded": local bytes of the row-layout codes,
+    "replicated": nested scales, offsets and straddling layers' buffers, "total_unsharded": the whole weights}."""
+    sharded = replicated = total = 0
+    for m in qlora_modules(model).values():
+        for name in ("weight_packed", "weight_absmax", "weight_nested_absmax", "weight_offset"):
+            t = getattr(m, name)
+            if t is None:
+                continue
+            full = t.numel() * t.element_size()
+            total += full
+            if _is_dtensor(t):
+                local = t.to_local()
+                sharded += local.numel() * local.element_size()
+            else:
+                replicated += full
+    return {"sharded": sharded, "replicated": replicated, "total_unsharded": total}
+
+
+# ------------------------------------------------------------------------------------------------ state dicts
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict:
+    """The whole model's state dict on CPU, with bitsandbytes Linear4bit keys for every QLoRALinear (what a
+    single-process prepared model's `state_dict()` holds; loads with `load_state_dict` / NF4Weight.from_state_dict).
+
+    A collective: call it on every rank. Sharded tensors are all-gathered one at a time; with rank0_only the
+    other ranks drop them and get {}.
+    """
+    keep = _rank() == 0 or not rank0_only
+    out = {}
+    for key, t in model.state_dict().items():  # the same keys in the same order on every rank
+        if _is_dtensor(t):
+            t = t.full_tensor()
+        if keep:
+            out[key] = t.detach().cpu()
+    if not keep:
+        return {}
+    for name, m in qlora_modules(model).items():
+        if not isinstance(m, ShardedQLoRALinear):
+            continue
+        p = name + "." if name else ""
+        packed, absmax = out[p + "weight_packed"], out[p + "weight_absmax"]
+        nested, offset = out.get(p + "weight_nested_absmax"), out.get(p + "weight_offset")
+        if nested is None:
+            absmax = absmax.contiguous().view(torch.float32)
+        w = NF4Weight(packed.reshape(-1, 1), absmax.reshape(-1), shape=(m.out_features, m.in_features),
+                      dtype=m.weight_dtype, blocksize=m.blocksize, nested_absmax=nested, offset=offset)
+        bnb = w.state_dict(p + "weight")
+        rebuilt = {}
+        for key, t in out.items():  # keep the module's key order: bnb keys where weight_packed was
+            if key == p + "weight_packed":
+                rebuilt.update(bnb)
+            elif key not in (p + "weight_absmax", p + "weight_nested_absmax", p + "weight_offset"):
+                rebuilt[key] = t
+        out = rebuilt
+    return out
+
+
+def _checkpoint_state(model: nn.Module) -> dict:
+    """model.state_dict() with every QLoRALinear's NF4 tensors under their attribute names (the replicated
+    layers' flat buffers included: their bitsandbytes quant-state bytes vary in length, which DCP cannot
+    reload in place). Every tensor aliases the module's storage, so DCP loads in place."""
+    state = model.state_dict()
+    for path, m in qlora_modules(model).items():
+        if isinstance(m, ShardedQLoRALinear):
+            continue
+        p = path + "." if path else ""
+        for key in [k for k in state if k == p + "weight" or k.startswith(p + "weight.")]:
+            del state[key]
+        for name in ("weight_packed", "weight_absmax", "weight_nested_absmax", "weight_offset"):
+            t = getattr(m, name)
+            if t is not None:
+                state[p + name] = t.detach()
+    return state
+
+
+def save_sharded(model: nn.Module, path) -> None:
+    """Save a (sharded) model with torch.distributed.checkpoint: each rank writes its own shards. Collective."""
+    import torch.distributed.checkpoint as dcp
+
+    to_row_layout(model)
+    dcp.save(_checkpoint_state(model), checkpoint_id=os.fspath(path))
+
+
+def load_sharded(model: nn.Module, path) -> nn.Module:
+    """Load a `save_sharded` checkpoint into `model`, sharded on any world size or in a single process
+    (the model must be prepared like the saved one; a single-process model is given back with its flat
+    NF4 buffers). Collective when distributed."""
+    import torch.distributed.checkpoint as dcp
+
+    was_flat = not any(isinstance(m, ShardedQLoRALinear) for m in qlora_modules(model).values())
+    to_row_layout(model)
+    dcp.load(_checkpoint_state(model), checkpoint_id=os.fspath(path))  # in place, into the model's tensors
+    for m in qlora_modules(model).values():
+        m._weight_cache = None
+    sharded = any(_is_dtensor(p) for p in model.parameters())
+    if was_flat and not sharded:
+        to_flat_layout(model)
+    return model
+
+
+def load_from_rank0(model: nn.Module, tensors: Optional[Iterable] = None, init_adapters: bool = True) -> nn.Module:
+    """Fill a sharded model (e.g. built on the meta device, then `shard_model`, then `to_empty`) from
+    full-precision tensors that only rank 0 reads, one at a time. Collective: call it on every rank.
+
+    tensors: on rank 0, an iterable of (name, tensor) under the unprepared model's state-dict names
+        (`layers.0.q.weight` for a QLoRALinear's base weight, `layers.0.q.bias`, `embed.weight`, ...), e.g.
+        streamed from safetensors' safe_open; ignored on the other ranks. A QLoRALinear's weight is quantized on
+        rank 0 (so double quantization sees the whole weight, bit-identical to a single-process prepare_model)
+        and its NF4 bytes are broadcast; every rank keeps its rows. Rank 0 never holds more than one
+        full-precision tensor. Names the model does not know, wrong shapes, and tensors of the model that the
+        stream left out raise the same error on every rank.
+    init_adapters: initialise every LoRA A (kaiming-uniform, drawn on rank 0) and B (zeros), as prepare_model
+        does, since after `to_empty` they hold garbage.
+    Non-persistent buffers (not in any state dict, e.g. rotary tables) are the caller's to recompute.
+    """
+    from .functional import quantize_nf4
+
+    rank = _rank()
+    layers = qlora_modules(model)
+    own = model.state_dict(keep_vars=True)
+    device = next((t.device for t in own.values() if t.device.type != "meta"), torch.device("cpu"))
+    comm_device = device if dist.get_backend() != "gloo" else torch.device("cpu")
+    it = iter(tensors) if rank == 0 else None
+    expected = {k for k in own if "lora_" not in k}
+    for path, m in layers.items():
+        p = path + "." if path else ""
+        expected = {k for k in expected if not (k.startswith(p + "weight_") or k.startswith(p + "weight."))}
+        expected.add(p + "weight")
+    loaded = set()
+    while True:
+        header = [None]
+        if rank == 0:
+            try:
+                item = next(it)
+                name, t = item
+                header = [(name, tuple(t.shape), t.dtype, None)]
+            except StopIteration:
+                header = [None]
+            except Exception as exc:  # a bad item on rank 0 must not hang the others
+                header = [("", (), None, f"{type(exc).__name__}: {exc}")]
+        dist.broadcast_object_list(header, src=0)
+        if header[0] is None:
+            break
+        name, shape, dtype, error = header[0]
+        if error is not None:
+            raise ValueError(f"load_from_rank0: rank 0 failed to read a tensor: {error}")
+        loaded.add(name)
+        module_path, _, leaf = name.rpartition(".")
+        m = layers.get(module_path)
+        if m is not None and leaf == "weight":
+            if tuple(shape) != (m.out_features, m.in_features):
+                raise ValueError(f"load_from_rank0: {name} has shape {list(shape)}, the layer is "
+                                 f"[{m.out_features}, {m.in_features}]")
+            double = m.weight_nested_absmax is not None
+            if rank == 0:
+                w = quantize_nf4(t.to(comm_device), blocksize=m.blocksize, double_quant=double)
+                parts = [w.packed.reshape(-1), w.absmax.reshape(-1).view(torch.uint8)]
+                if double:
+                    parts += [w.nested_absmax, w.offset.reshape(1)]
+            else:
+                nb = m.out_features * m.in_features // m.blocksize if _row_shardable(m) else \
+                    -(-m.out_features * m.in_features // m.blocksize)
+                parts = [torch.empty((m.out_features * m.in_features + 1) // 2, dtype=torch.uint8, device=comm_device),
+                         torch.empty(nb * (1 if double else 4), dtype=torch.uint8, device=comm_device)]
+                if double:
+                    parts += [torch.empty(-(-nb // 256), dtype=torch.float32, device=comm_device),
+                              torch.empty(1, dtype=torch.float32, device=comm_device)]
+            for p in parts:
+                dist.broadcast(p, src=0)
+            _copy_nf4_into(m, parts)
+            continue
+        target = own.get(name)
+        if target is None:
+            raise KeyError(f"load_from_rank0: {name!r} is not in the model (known: {', '.join(list(own)[:8])} ...)")
+        if tuple(shape) != tuple(target.shape):
+            raise ValueError(f"load_from_rank0: {name} has shape {list(shape)}, the model's is {list(target.shape)}")
+        full = t.to(comm_device, target.dtype) if rank == 0 else torch.empty(shape, dtype=target.dtype,
+                                                                           device=comm_device)
+        dist.broadcast(full, src=0)
+        _copy_rows_into(target, full)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise KeyError(f"load_from_rank0: the stream left out {len(missing)} tensor(s) of the model: "
+                       f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if init_adapters:
+        for m in layers.values():
+            for lin, init in ((m.lora_A, "kaiming"), (m.lora_B, "zeros")):
+                w = lin.weight
+                full = torch.zeros(w.shape, dtype=w.dtype, device=comm_device)
+                if init == "kaiming" and rank == 0:
+                    nn.init.kaiming_uniform_(full, a=math.sqrt(5))
+                dist.broadcast(full, src=0)
+                _copy_rows_into(w, full)
+    return model
+
+
+def _copy_rows_into(target: Tensor, full: Tensor) -> None:
+    """Copy this rank's part of `full` (the whole tensor) into `target` (a DTensor shard or a plain tensor)."""
+    with torch.no_grad():
+        if _is_dtensor(target):
+            from torch.distributed.tensor import distribute_tensor
+
+            local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+            target.to_local().copy_(local)
+        else:
+            target.copy_(full)
+
+
+def _copy_nf4_into(m: QLoRALinear, parts: list) -> None:
+    n, k = m.out_features, m.in_features
+    packed, absmax_bytes = parts[0], parts[1]
+    with torch.no_grad():
+        if isinstance(m, ShardedQLoRALinear):
+            _copy_rows_into(m.weight_packed, packed.view(n, k // 2))
+            _copy_rows_into(m.weight_absmax, absmax_bytes.view(n, -1))
+        else:
+            m.weight_packed.view(-1).copy_(packed)
+            m.weight_absmax.view(-1).copy_(absmax_bytes if m.weight_nested_absmax is not None
+                                           else absmax_bytes.view(torch.float32))
+        if m.weight_nested_absmax is not None:
+            m.weight_nested_absmax.copy_(parts[2])
+            m.weight_offset.copy_(parts[3].reshape(()))
+    m._weight_cache = None
