@@ -401,3 +401,37 @@ def test_meta_init_load_from_rank0_and_a_failing_rank(tmp_path):
     assert "ValueError" in res[1]["bad_input"] and "x has shape (4, 15)" in res[1]["bad_input"], res[1]["bad_input"]
     print("rank 0:", res[0]["bad_input"][:300], f"after {res[0]['bad_input_s']:.1f} s")
     assert res[0]["bad_input"] != "no error" and res[0]["bad_input_s"] < PG_TIMEOUT_S + 30
+
+
+# ------------------------------------------------------------------------------------- single process
+def test_row_layout_round_trip_in_one_process():
+    from qlora_kernels import distributed as qd
+
+    model = make_model()
+    x, _ = batch()
+    want, sd = model(x), model.state_dict()
+    replicated = qd.to_row_layout(model)
+    assert replicated == ["embed", "layers.0.down", "layers.1.down"]  # in_features 16 and 95: blocks straddle rows
+    up = model.layers[1].up
+    assert type(up).__name__ == "ShardedQLoRALinear" and isinstance(up.weight_packed, nn.Parameter)
+    assert up.weight_packed.dtype == up.weight_absmax.dtype == torch.uint8 and not up.weight_packed.requires_grad
+    assert up.weight_absmax.shape == (95, 4)  # one float32 scale (4 bytes) per row at K = 64
+    assert torch.equal(model(x), want)
+    assert torch.equal(up.weight.dequantize(), make_model().layers[1].up.weight.dequantize())
+    qd.to_flat_layout(model)
+    got = model.state_dict()
+    assert list(got) == list(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    qd.to_row_layout(model)
+    packed = up.weight_packed.clone()
+    model.half()  # dtype moves cast the adapters, never the integer NF4 parameters
+    assert up.weight_packed.dtype == torch.uint8 and torch.equal(up.weight_packed, packed)
+    assert up.lora_A.weight.dtype == torch.float16
+
+
+def test_shard_model_says_what_is_missing():
+    from qlora_kernels import distributed as qd
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this process")
+    with pytest.raises(RuntimeError, match="torch.distributed initialized"):
+        qd.shard_model(make_model())
