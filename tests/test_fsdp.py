@@ -186,8 +186,8 @@ def _run_a(rank, world, out_dir):
     mp_bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     qd.shard_model(model, mp_policy=mp_bf16, verbose=False)
     model(xr.bfloat16()).float().sum().backward()
-    res["bf16_exact"] = {n: torch.equal(s[0].reshape(-1, 1), before[n][0]) and torch.equal(s[1].reshape(-1), before[n][1])
-                         for n, s in seen.items()}
+    res["bf16_exact"] = {n: torch.equal(s[0].reshape(-1, 1), before[n][0])
+                         and torch.equal(s[1].reshape(-1), before[n][1]) for n, s in seen.items()}
     res["bf16_adapter_dtype"] = {n: s[2] for n, s in seen.items()}
 
     # the contrast: the same packed bytes in a float32 storage (bitsandbytes' quant_storage=float32)
@@ -253,10 +253,9 @@ def test_each_rank_holds_its_rows_of_every_nf4_weight(run_a):
             full = dict(model.named_parameters())[n].shape
             assert shape == (torch.arange(full[0]).chunk(WORLD)[rank].numel(), full[1]), n
     # per-rank bytes: total / world, plus at most one padding row per sharded tensor
-    row_bytes = sum(layers[n].in_features // 2 + layers[n].weight_absmax.numel() * layers[n].weight_absmax.element_size()
-                    // layers[n].out_features for n in sharded)
-    total = sum(layers[n].weight_packed.numel() + layers[n].weight_absmax.numel() * layers[n].weight_absmax.element_size()
-                for n in sharded)
+    scale_bytes = {n: layers[n].weight_absmax.numel() * layers[n].weight_absmax.element_size() for n in sharded}
+    row_bytes = sum(layers[n].in_features // 2 + scale_bytes[n] // layers[n].out_features for n in sharded)
+    total = sum(layers[n].weight_packed.numel() + scale_bytes[n] for n in sharded)
     assert sum(r["bytes"]["sharded"] for r in res) == total
     for r in res:
         assert total / WORLD - row_bytes <= r["bytes"]["sharded"] <= total / WORLD + row_bytes
