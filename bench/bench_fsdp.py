@@ -64,7 +64,8 @@ def build(args):
     import qlora_kernels as qk
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4 // 64 * 64,
+    inter = args.hidden * 11 // 4 // 64 * 64  # a multiple of the blocksize: every layer's rows shard
+    cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=args.hidden, intermediate_size=inter,
                                    num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
                                    max_position_embeddings=SEQ)
     model = transformers.LlamaForCausalLM(cfg)

@@ -186,8 +186,8 @@ def _run_a(rank, world, out_dir):
     mp_bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     qd.shard_model(model, mp_policy=mp_bf16, verbose=False)
     model(xr.bfloat16()).float().sum().backward()
-    res["bf16_exact"] = {n: torch.equal(s[0].reshape(-1, 1), before[n][0]) and torch.equal(s[1].reshape(-1), before[n][1])
-                         for n, s in seen.items()}
+    res["bf16_exact"] = {n: torch.equal(s[0].reshape(-1, 1), before[n][0])
+                         and torch.equal(s[1].reshape(-1), before[n][1]) for n, s in seen.items()}
     res["bf16_adapter_dtype"] = {n: s[2] for n, s in seen.items()}
 
     # the contrast: the same packed bytes in a float32 storage (bitsandbytes' quant_storage=float32)
@@ -253,10 +253,9 @@ def test_each_rank_holds_its_rows_of_every_nf4_weight(run_a):
             full = dict(model.named_parameters())[n].shape
             assert shape == (torch.arange(full[0]).chunk(WORLD)[rank].numel(), full[1]), n
     # per-rank bytes: total / world, plus at most one padding row per sharded tensor
-    row_bytes = sum(layers[n].in_features // 2 + layers[n].weight_absmax.numel() * layers[n].weight_absmax.element_size()
-                    // layers[n].out_features for n in sharded)
-    total = sum(layers[n].weight_packed.numel() + layers[n].weight_absmax.numel() * layers[n].weight_absmax.element_size()
-                for n in sharded)
+    scale_bytes = {n: layers[n].weight_absmax.numel() * layers[n].weight_absmax.element_size() for n in sharded}
+    row_bytes = sum(layers[n].in_features // 2 + scale_bytes[n] // layers[n].out_features for n in sharded)
+    total = sum(layers[n].weight_packed.numel() + scale_bytes[n] for n in sharded)
     assert sum(r["bytes"]["sharded"] for r in res) == total
     for r in res:
         assert total / WORLD - row_bytes <= r["bytes"]["sharded"] <= total / WORLD + row_bytes
@@ -401,3 +400,37 @@ def test_meta_init_load_from_rank0_and_a_failing_rank(tmp_path):
     assert "ValueError" in res[1]["bad_input"] and "x has shape (4, 15)" in res[1]["bad_input"], res[1]["bad_input"]
     print("rank 0:", res[0]["bad_input"][:300], f"after {res[0]['bad_input_s']:.1f} s")
     assert res[0]["bad_input"] != "no error" and res[0]["bad_input_s"] < PG_TIMEOUT_S + 30
+
+
+# ------------------------------------------------------------------------------------- single process
+def test_row_layout_round_trip_in_one_process():
+    from qlora_kernels import distributed as qd
+
+    model = make_model()
+    x, _ = batch()
+    want, sd = model(x), model.state_dict()
+    replicated = qd.to_row_layout(model)
+    assert replicated == ["embed", "layers.0.down", "layers.1.down"]  # in_features 16 and 95: blocks straddle rows
+    up = model.layers[1].up
+    assert type(up).__name__ == "ShardedQLoRALinear" and isinstance(up.weight_packed, nn.Parameter)
+    assert up.weight_packed.dtype == up.weight_absmax.dtype == torch.uint8 and not up.weight_packed.requires_grad
+    assert up.weight_absmax.shape == (95, 4)  # one float32 scale (4 bytes) per row at K = 64
+    assert torch.equal(model(x), want)
+    assert torch.equal(up.weight.dequantize(), make_model().layers[1].up.weight.dequantize())
+    qd.to_flat_layout(model)
+    got = model.state_dict()
+    assert list(got) == list(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    qd.to_row_layout(model)
+    packed = up.weight_packed.clone()
+    model.half()  # dtype moves cast the adapters, never the integer NF4 parameters
+    assert up.weight_packed.dtype == torch.uint8 and torch.equal(up.weight_packed, packed)
+    assert up.lora_A.weight.dtype == torch.float16
+
+
+def test_shard_model_says_what_is_missing():
+    from qlora_kernels import distributed as qd
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this process")
+    with pytest.raises(RuntimeError, match="torch.distributed initialized"):
+        qd.shard_model(make_model())

@@ -249,6 +249,7 @@ def _run(steps, batch_size, r, alpha, lr, out, device, seed, distributed) -> dic
         from .distributed import nf4_shard_bytes, shard_model
 
         shard_model(model)  # every encoder layer, then the root (embeddings, head)
+        torch.manual_seed(seed + 1000 * rank)  # same init on every rank (above); own dropout masks from here
         nf4 = nf4_shard_bytes(model)
         local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
                     for p in model.parameters())

@@ -119,7 +119,7 @@ class ShardedQLoRALinear(QLoRALinear):
         for key in rest:
             if key == prefix + "weight" or key.startswith(prefix + "weight."):
                 error_msgs.append(f"{key}: this layer is in FSDP row layout (weight_packed, weight_absmax, ...); "
-                                  "load a bitsandbytes-keyed state dict with load_from_rank0 or into an unsharded model")
+                                  "load a bitsandbytes-keyed state dict into the model before shard_model")
                 break
         nn.Module._load_from_state_dict(self, rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                         error_msgs)
@@ -332,7 +332,9 @@ def load_sharded(model: nn.Module, path) -> nn.Module:
 
     was_flat = not any(isinstance(m, ShardedQLoRALinear) for m in qlora_modules(model).values())
     to_row_layout(model)
-    dcp.load(_checkpoint_state(model), checkpoint_id=os.fspath(path))  # in place, into the model's tensors
+    with warnings.catch_warnings():  # one process without a process group is a use this function supports
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(_checkpoint_state(model), checkpoint_id=os.fspath(path))  # in place, into the model's tensors
     for m in qlora_modules(model).values():
         m._weight_cache = None
     sharded = any(_is_dtensor(p) for p in model.parameters())
