@@ -72,9 +72,6 @@ def test_device_memory_search():
     assert len(calls) < 40  # fitted, then confirmed: not a scan
     config = tiny(2, 64, 128, vocab=256)
     base = plan_memory(config, r=4, seq_len=64, batch_size=1, compute_dtype=torch.float32, device="cpu")
-    plan = plan_memory(config, r=4, seq_len=64, batch_size=1, compute_dtype=torch.float32, device="cpu",
-                       device_memory=base.total_bytes * 2)
-    assert plan.fits and plan.max_seq_len >= 64 and plan.max_batch_size >= 1
     tight = plan_memory(config, r=4, seq_len=64, batch_size=1, compute_dtype=torch.float32, device="cpu",
                         device_memory=base.total_bytes // 2)
     assert tight.fits is False and tight.max_seq_len is None and "does NOT fit" in tight.table()
@@ -105,3 +102,5 @@ def test_plan_command(tmp_path, capsys):
                 "largest seq len at batch 2", "largest batch at seq len 64"):
         assert row in out
     assert main(["plan", "llama-8b"]) == 2
+    fits = [line for line in out.splitlines() if "largest" in line]
+    assert all(line.split(":")[-1].strip().isdigit() for line in fits), fits
