@@ -355,3 +355,29 @@ def test_host_memory_bound(tmp_path):
     peak[0] = max(peak[0], _rss_anon())
     bound = 1.15 * (model_memory(model) + largest)
     assert peak[0] - base <= bound, f"peak {peak[0] - base} bytes above baseline, bound {bound:.0f}"
+
+
+# ------------------------------------------------------------------------------------ activation checkpointing
+def test_gradient_checkpointing_same_gradients_less_memory(ckpts):
+    from qlora_kernels.planner import LiveTensorTracker, scratch_ops
+
+    grads, peaks = [], []
+    ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(5))
+    for checkpointing in (False, True):
+        torch.manual_seed(6)  # the same adapters (A is drawn at load time) in both models
+        model = load(ckpts["plain"], gradient_checkpointing=checkpointing)
+        for layer in qlora_modules(model).values():  # B != 0 so A gets a gradient too
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+        model.train()
+        assert model.is_gradient_checkpointing == checkpointing
+        tracker = LiveTensorTracker(descend=scratch_ops())
+        for t in list(model.parameters()) + list(model.buffers()):
+            tracker.track(t)
+        with tracker:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        peaks.append(tracker.peak)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+    assert peaks[1] < peaks[0]
