@@ -94,7 +94,7 @@ def test_bad_arguments():
 def test_plan_command(tmp_path, capsys):
     from qlora_kernels.__main__ import main
 
-    tiny(2, 64, 128).save_pretrained(tmp_path)
+    tiny(1, 64, 128).save_pretrained(tmp_path)
     assert main(["plan", str(tmp_path), "--seq", "64", "--batch", "2", "--r", "8", "--gpu", "2GB"]) == 0
     out = capsys.readouterr().out
     for row in ("NF4 weights + scales", "LoRA gradients", "optimizer states (paged_adamw_32bit)",
