@@ -184,6 +184,18 @@ def test_save_roundtrip_bnb_and_load_pretrained(ckpts, tmp_path):
         assert torch.equal(ref(tokens()).logits, model(tokens()).logits)
 
 
+def test_save_over_the_loaded_checkpoint(ckpts, tmp_path):
+    """The loaded model owns its memory: rewriting the files it came from leaves it intact."""
+    path = _copy(ckpts["bnb-nodq-bfloat16"], tmp_path / "c")
+    model = load(path)
+    with torch.no_grad():
+        before = model(tokens()).logits
+    save_pretrained(model, path)
+    with torch.no_grad():
+        assert torch.equal(model(tokens()).logits, before)
+        assert torch.equal(load(path)(tokens()).logits, before)
+
+
 def test_save_sharded_roundtrip(ckpts, tmp_path):
     model = load(ckpts["tied"], compute_dtype=torch.float32)
     save_pretrained(model, tmp_path / "s", max_shard_size="40KB")
@@ -355,3 +367,60 @@ def test_host_memory_bound(tmp_path):
     peak[0] = max(peak[0], _rss_anon())
     bound = 1.15 * (model_memory(model) + largest)
     assert peak[0] - base <= bound, f"peak {peak[0] - base} bytes above baseline, bound {bound:.0f}"
+
+
+# ------------------------------------------------------------------------------------ activation checkpointing
+def test_gradient_checkpointing_same_gradients_less_memory(ckpts):
+    from qlora_kernels.planner import LiveTensorTracker, scratch_ops
+
+    grads, peaks = [], []
+    ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(5))
+    for checkpointing in (False, True):
+        torch.manual_seed(6)  # the same adapters (A is drawn at load time) in both models
+        model = load(ckpts["plain"], gradient_checkpointing=checkpointing)
+        for layer in qlora_modules(model).values():  # B != 0 so A gets a gradient too
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+        model.train()
+        assert model.is_gradient_checkpointing == checkpointing
+        tracker = LiveTensorTracker(descend=scratch_ops())
+        for t in list(model.parameters()) + list(model.buffers()):
+            tracker.track(t)
+        with tracker:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        peaks.append(tracker.peak)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+    assert peaks[1] < peaks[0]
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def _dense_twin(model, path):
+    """The same model in eager dense form: each NF4 weight dequantized into a plain nn.Linear."""
+    dense = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(model.device)
+    with torch.no_grad():
+        for name, layer in qlora_modules(model).items():
+            dense.get_submodule(name).weight.copy_(layer.merged_weight(torch.float32))
+    return dense
+
+
+def test_greedy_generation_matches_dense_dequantized(ckpts):
+    model = load(ckpts["plain"])
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = model.generate(ids, max_new_tokens=8, do_sample=False)
+        dense = _dense_twin(model, ckpts["plain"]).generate(ids, max_new_tokens=8, do_sample=False)
+    assert ours.shape == (2, 13) and torch.equal(ours, dense)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers' offloaded cache needs CUDA")
+def test_generation_with_offloaded_cache_on_gpu(ckpts):
+    model = load_pretrained(ckpts["plain"], device="cuda", compute_dtype=torch.bfloat16, r=4, verbose=False,
+                            progress=False)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0)).cuda()
+    default = model.generate(ids, max_new_tokens=12, do_sample=False)
+    offloaded = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="offloaded")
+    assert torch.equal(default, offloaded)

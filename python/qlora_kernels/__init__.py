@@ -40,8 +40,9 @@ __all__ += ["QLoRALinearFunction", "qlora_linear", "QLoRALinear", "prepare_model
 
 # --- big models: streaming load / save of Hugging Face checkpoints, memory planner ---
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained  # noqa: E402
+from .planner import MemoryPlan, plan_memory  # noqa: E402
 
-__all__ += ["load_pretrained", "save_pretrained", "CheckpointError"]
+__all__ += ["load_pretrained", "save_pretrained", "CheckpointError", "plan_memory", "MemoryPlan"]
 
 # --- optimizers (8-bit and paged AdamW) ---
 from . import optim  # noqa: E402

@@ -16,6 +16,10 @@ commands:
           --out DIR (keep the adapter) --device cpu|cuda --seed S
           --fsdp: shard over the processes of `torchrun --nproc-per-node N -m qlora_kernels demo --fsdp`
   info    print what is compiled and what is usable here (CPU SIMD path, CUDA kernels, Triton) and versions
+  plan    CONFIG [--seq 512] [--batch 1] [--r 64] [--gpu 48GB] [--optimizer paged_adamw_32bit]
+          [--no-gradient-checkpointing] [--dtype bfloat16] [--adapter-dtype D] [--device cuda|cpu]
+          the memory of one QLoRA training step, term by term, and what fits the GPU. CONFIG: a preset
+          (llama-7b, llama-13b, llama-33b, llama-65b, llama-3-8b, llama-3-70b), config.json or a model directory
 """
 
 
@@ -89,9 +93,46 @@ def main(argv=None) -> int:
         result = run(steps=args.steps, batch_size=args.batch_size, r=args.r, alpha=args.alpha, lr=args.lr,
                      out=args.out, device=args.device, seed=args.seed, fsdp=args.fsdp)
         return 0 if result["reload_max_diff"] == 0.0 else 1
+    if command == "plan":
+        return _plan(rest)
     print(f"unknown command {command!r}\n", file=sys.stderr)
     print(USAGE, end="", file=sys.stderr)
     return 2
+
+
+def _plan(rest) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*native extension _C not available.*")
+    parser = argparse.ArgumentParser(prog="python -m qlora_kernels plan")
+    parser.add_argument("config", help="preset name, config.json or model directory")
+    parser.add_argument("--seq", type=int, default=512, help="sequence length (tokens)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+    parser.add_argument("--r", type=int, default=64, help="LoRA rank")
+    parser.add_argument("--gpu", default=None, help="device memory, e.g. 48GB (GB = GiB)")
+    parser.add_argument("--optimizer", default="paged_adamw_32bit")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--adapter-dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--target-modules", default="all-linear", help="all-linear, or comma-separated names")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = parser.parse_args(rest)
+    import torch
+
+    from .planner import plan_memory
+
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    try:
+        plan = plan_memory(args.config, r=args.r, target_modules=targets, seq_len=args.seq, batch_size=args.batch,
+                           optimizer=args.optimizer, gradient_checkpointing=not args.no_gradient_checkpointing,
+                           compute_dtype=getattr(torch, args.dtype),
+                           adapter_dtype=getattr(torch, args.adapter_dtype) if args.adapter_dtype else None,
+                           device=args.device, device_memory=args.gpu)
+    except (ValueError, TypeError) as exc:
+        print(f"plan: {exc}", file=sys.stderr)
+        return 2
+    print(plan.table())
+    return 0 if plan.fits in (None, True) else 1
 
 
 if __name__ == "__main__":

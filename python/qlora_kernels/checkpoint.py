@@ -351,10 +351,9 @@ def _stream_into(model, reader: _Reader, quant_config, device, opts, show_progre
                 replaced.append(item)
         elif item in slots:
             t = reader.get(item)
-            if t.is_floating_point():
-                t = t.to(device=device, dtype=opts["compute_dtype"])
-            else:
-                t = t.to(device)
+            # copy=True: safetensors may hand out tensors over its memory map of the file; the model must own
+            # its memory (the file may be overwritten later, e.g. by save_pretrained to the same directory)
+            t = t.to(device=device, dtype=opts["compute_dtype"] if t.is_floating_point() else t.dtype, copy=True)
             _set_tensor(slots, item, t, reader.key_files[item])
             del t
         for k in item_keys:
@@ -480,6 +479,11 @@ def _prequantized_weight(reader, name, keys, shape, device) -> NF4Weight:
     if packed.numel() != (n + 1) // 2:
         raise CheckpointError(f"{file}: tensor {wkey!r} holds {packed.numel()} packed bytes, {(n + 1) // 2} "
                               f"expected for shape {list(shape)}")
+    if weight.device == torch.device(device):  # own the bytes: see the copy=True of dense tensors
+        return NF4Weight(*(t.clone() for t in weight.tensors()[:2]), shape=weight.shape, dtype=weight.dtype,
+                         blocksize=weight.blocksize,
+                         nested_absmax=None if weight.nested_absmax is None else weight.nested_absmax.clone(),
+                         offset=None if weight.offset is None else weight.offset.clone())
     return weight.to(device)
 
 

@@ -1,0 +1,534 @@
+"""plan_memory: what a QLoRA training step needs on one device, before any weight is loaded.
+
+Static terms are counted from the model's real module tree built on the meta device (transformers' classes
+from a config, target Linear modules swapped for QLoRALinear): NF4 weights and scales, dense modules, LoRA
+weights, their gradients, optimizer states. Activations are not guessed from a per-architecture formula:
+one training step (forward with labels, backward) of the same module tree runs on fake tensors (no data,
+no compute) under a tracker of live tensor storages, with 2 and 3 decoder layers; the per-layer difference
+extrapolates to the full depth (decoder layers are identical). The same tracker measures real steps on the
+CPU, which is how the planner is validated (tests/test_planner.py, bench/bench_plan.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .model import find_target_modules
+from .nn import QLoRALinear
+from .weight import NF4Weight
+
+__all__ = ["plan_memory", "MemoryPlan", "LiveTensorTracker", "PRESETS", "OPTIMIZERS", "parse_bytes"]
+
+GiB = 2**30
+
+# Published dimensions (LLaMA paper table 2 / Meta's Llama 3 configs). vocab_size and the rest as released.
+_LLAMA1 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6,
+               hidden_act="silu", tie_word_embeddings=False)
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+               hidden_act="silu", tie_word_embeddings=False, rope_theta=500000.0, num_key_value_heads=8)
+PRESETS = {
+    "llama-7b": dict(_LLAMA1, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llama-13b": dict(_LLAMA1, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "llama-33b": dict(_LLAMA1, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52),
+    "llama-65b": dict(_LLAMA1, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64),
+    "llama-3-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
+    "llama-3-70b": dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64),
+}
+
+# Optimizer states per trainable parameter. "8bit": bitsandbytes' blockwise states (blocks of 256, one float32
+# absmax per block per state; tensors under 4096 elements keep float32 states). "paged": the states live in
+# CUDA managed memory; they are counted on the device (where they sit when it has room).
+OPTIMIZERS = {
+    "adamw_torch": ("param", False), "adamw_torch_fused": ("param", False), "adamw_hf": ("param", False),
+    "adamw": ("param", False), "paged_adamw_32bit": ("fp32", True), "adamw_bnb_32bit": ("fp32", False),
+    "adamw_32bit": ("fp32", False), "paged_adamw_8bit": ("8bit", True), "adamw_8bit": ("8bit", False),
+    "adamw_bnb_8bit": ("8bit", False), "sgd": ("none", False),
+    # this package's optimizers (qlora_kernels.optim)
+    "AdamW8bit": ("8bit", False), "PagedAdamW": ("fp32", True), "PagedAdamW8bit": ("8bit", True),
+}
+
+# Allowance on a CUDA device for what max_memory_allocated does not show: the CUDA context, cuBLAS and Triton
+# workspaces (about 0.5-1 GiB on recent GPUs), and the caching allocator's fragmentation.
+CUDA_CONTEXT_BYTES = 1 * GiB
+FRAGMENTATION = 0.05
+
+
+def parse_bytes(size) -> int:
+    """'48GB' / '48GiB' / '500MB' / 12345 -> bytes. GB and GiB both mean 2**30, as GPU memory is quoted."""
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        return int(size)
+    s = str(size).strip().upper().replace(" ", "")
+    for unit, mult in (("GIB", GiB), ("GB", GiB), ("G", GiB), ("MIB", 2**20), ("MB", 2**20), ("M", 2**20),
+                       ("KIB", 2**10), ("KB", 2**10), ("B", 1)):
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise ValueError(f"device_memory: cannot read {size!r} as a size (e.g. '48GB', '80GiB', 51539607552)") from None
+
+
+# ------------------------------------------------------------------------------------------- the tracker
+class LiveTensorTracker(TorchDispatchMode):
+    """Bytes of live tensor storages: every storage an op returns counts until it is freed.
+
+    `track(t)` adds tensors that exist already (parameters). `current` and `peak` in bytes. Ops of
+    qlora_kernels implemented in Python on this device (the dequantize-to-scratch paths) are entered, so their
+    scratch buffers count too, as a device allocator would see them.
+    """
+
+    def __init__(self, descend: Iterable = ()):
+        super().__init__()
+        self.live: dict = {}
+        self.current = 0
+        self.peak = 0
+        self._descend = {op: fn for op, fn in descend}
+
+    def track(self, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        n = storage.nbytes()
+        self.live[key] = n
+        self.current += n
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        impl = self._descend.get(func._overloadpacket) if hasattr(func, "_overloadpacket") else None
+        if impl is not None:
+            with self:
+                out = impl(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            self.track(t)
+        return out
+
+
+def scratch_ops() -> list:
+    """(op, Python implementation) of the NF4 linear ops, for LiveTensorTracker(descend=...) on devices where
+    they dequantize W into a scratch buffer (every path but the fused Triton kernels)."""
+    from . import _ops
+
+    return [(torch.ops.qlora.nf4_linear, _ops.nf4_linear._init_fn),
+            (torch.ops.qlora.nf4_linear_dx, _ops.nf4_linear_dx._init_fn)]
+
+
+# ------------------------------------------------------------------------------------------- model trees
+def _load_config(config_or_model):
+    import transformers
+
+    if isinstance(config_or_model, nn.Module):
+        return config_or_model.config if hasattr(config_or_model, "config") else None, config_or_model
+    if isinstance(config_or_model, transformers.PretrainedConfig):
+        return config_or_model, None
+    if isinstance(config_or_model, dict):
+        d = dict(config_or_model)
+        return transformers.AutoConfig.for_model(d.pop("model_type", "llama"), **d), None
+    if isinstance(config_or_model, (str, os.PathLike)):
+        key = str(config_or_model)
+        if key in PRESETS:
+            return _load_config(PRESETS[key])
+        p = Path(key)
+        if p.is_dir():
+            p = p / "config.json"
+        if p.is_file():
+            with open(p, encoding="utf-8") as fh:
+                d = json.load(fh)
+            d.pop("quantization_config", None)
+            return _load_config(d)
+        raise ValueError(f"config_or_model: {key!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json "
+                         "or model directory")
+    raise TypeError(f"config_or_model must be a preset name, a path, a dict, a transformers config or a model, "
+                    f"got {type(config_or_model).__name__}")
+
+
+def _meta_nf4(shape, dtype, blocksize, double_quant) -> NF4Weight:
+    n = math.prod(shape)
+    nb = -(-n // blocksize)
+    meta = dict(device="meta")
+    if double_quant:
+        return NF4Weight(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **meta), torch.empty(nb, dtype=torch.uint8, **meta),
+                         shape=shape, dtype=dtype, blocksize=blocksize,
+                         nested_absmax=torch.empty(-(-nb // 256), **meta), offset=torch.empty((), **meta))
+    return NF4Weight(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **meta), torch.empty(nb, **meta),
+                     shape=shape, dtype=dtype, blocksize=blocksize)
+
+
+def _meta_model(config, opts, num_layers: Optional[int] = None) -> nn.Module:
+    """The prepared model on the meta device (optionally cut to `num_layers` decoder layers)."""
+    import transformers
+
+    if num_layers is not None:
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = num_layers
+        for attr in ("layer_types",):  # per-layer lists (sliding / full attention) follow the depth
+            if isinstance(getattr(config, attr, None), list):
+                setattr(config, attr, getattr(config, attr)[:num_layers])
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=opts["compute_dtype"])
+    _swap_targets(model, opts)
+    return model
+
+
+def _swap_targets(model, opts) -> list:
+    names = find_target_modules(model, opts["target_modules"])
+    for name in names:
+        lin = model.get_submodule(name)
+        if isinstance(lin, QLoRALinear):
+            continue
+        weight = _meta_nf4((lin.out_features, lin.in_features), opts["compute_dtype"], opts["blocksize"],
+                           opts["double_quant"])
+        bias = None if lin.bias is None else torch.empty_like(lin.bias, device="meta")
+        new = QLoRALinear(weight, bias, r=opts["r"], alpha=16, adapter_dtype=opts["adapter_dtype"])
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    for pname, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
+    return names
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _optimizer_state_bytes(params: list, optimizer: str) -> int:
+    kind, _ = OPTIMIZERS[optimizer]
+    total = 0
+    for p in params:
+        n = p.numel()
+        if kind == "none":
+            continue
+        if kind == "param":  # torch AdamW: exp_avg, exp_avg_sq like the parameter, and a float32 step
+            total += 2 * _nbytes(p) + 4
+        elif kind == "fp32" or (kind == "8bit" and n < 4096):
+            total += 8 * n
+        else:
+            total += 2 * n + 2 * 4 * -(-n // 256)
+    return total
+
+
+# --------------------------------------------------------------------------------------------- the plan
+@dataclass
+class MemoryPlan:
+    """Bytes of one QLoRA training step. `terms` (name -> bytes) add up to `total_bytes`."""
+
+    terms: dict
+    total_bytes: int
+    device_memory: Optional[int] = None
+    fits: Optional[bool] = None
+    max_seq_len: Optional[int] = None
+    max_batch_size: Optional[int] = None
+    settings: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The total without the device allowance: what a live-tensor tracker (or max_memory_allocated) sees."""
+        return self.total_bytes - self.terms.get("CUDA context + fragmentation allowance", 0)
+
+    def table(self) -> str:
+        gib = lambda b: b / GiB  # noqa: E731
+        s = self.settings
+        lines = [f"QLoRA memory plan: {s.get('model')}, r={s.get('r')}, seq {s.get('seq_len')} x batch "
+                 f"{s.get('batch_size')}, {s.get('optimizer')}, gradient checkpointing "
+                 f"{'on' if s.get('gradient_checkpointing') else 'off'}, {str(s.get('compute_dtype'))[6:]}, "
+                 f"{s.get('device')}",
+                 f"  {'term':<44}{'GiB':>10}{'share':>8}"]
+        for name, b in self.terms.items():
+            lines.append(f"  {name:<44}{gib(b):>10.2f}{100 * b / max(1, self.total_bytes):>7.1f}%")
+        lines.append(f"  {'total':<44}{gib(self.total_bytes):>10.2f}")
+        if self.device_memory is not None:
+            lines.append(f"  device memory {gib(self.device_memory):.2f} GiB: {'fits' if self.fits else 'does NOT fit'}")
+            lines.append(f"  largest seq len at batch {s.get('batch_size')}: "
+                         f"{self.max_seq_len if self.max_seq_len else 'none fits'}")
+            lines.append(f"  largest batch at seq len {s.get('seq_len')}: "
+                         f"{self.max_batch_size if self.max_batch_size else 'none fits'}")
+        c = self.counts
+        lines.append(f"  ({c.get('nf4_params', 0) / 1e9:.2f} B params in NF4 over {c.get('nf4_layers', 0)} layers, "
+                     f"{c.get('dense_params', 0) / 1e9:.3f} B dense, {c.get('lora_params', 0) / 1e6:.1f} M LoRA)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def plan_memory(
+    config_or_model,
+    *,
+    r: int = 16,
+    target_modules: Union[str, Iterable[str]] = "all-linear",
+    seq_len: int = 512,
+    batch_size: int = 1,
+    optimizer: str = "adamw_torch",
+    gradient_checkpointing: bool = False,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    adapter_dtype: Optional[torch.dtype] = None,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    device: str = "cuda",
+    device_memory=None,
+) -> MemoryPlan:
+    """Plan the device memory of one QLoRA training step (forward with labels, backward, optimizer step).
+
+    Args:
+        config_or_model: a preset ("llama-7b", "llama-13b", "llama-33b", "llama-65b", "llama-3-8b",
+            "llama-3-70b"), a config.json path or model directory, a dict or transformers config, or a model.
+        r, target_modules, blocksize, double_quant: as load_pretrained / prepare_model.
+        seq_len, batch_size: tokens per sequence and sequences per step (per micro-batch).
+        optimizer: transformers' names ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit",
+            ...) or this package's ("AdamW8bit", "PagedAdamW", "PagedAdamW8bit").
+        gradient_checkpointing: transformers' non-reentrant activation checkpointing per decoder layer.
+        compute_dtype / adapter_dtype: activations and dense modules / LoRA weights (default compute_dtype).
+        device: "cuda" (fused Triton linear, no dequantize scratch; adds the context + fragmentation allowance)
+            or "cpu" (the native path dequantizes W to a scratch buffer; no allowance).
+        device_memory: bytes or "48GB" (GiB): fills fits, max_seq_len and max_batch_size.
+    Returns:
+        MemoryPlan with terms (name -> bytes) summing to total_bytes.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    for name, v in (("seq_len", seq_len), ("batch_size", batch_size), ("r", r)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    config, model = _load_config(config_or_model)
+    if config is None:
+        raise ValueError("config_or_model: a model without a transformers .config cannot be planned")
+    opts = dict(r=r, target_modules=target_modules, blocksize=blocksize, double_quant=double_quant,
+                compute_dtype=compute_dtype, adapter_dtype=adapter_dtype or compute_dtype, optimizer=optimizer,
+                gradient_checkpointing=gradient_checkpointing, device=device)
+    static = _static_terms(config, opts)
+    dev_mem = None if device_memory is None else parse_bytes(device_memory)
+    sim = _Simulator(config, opts)
+    terms, total = _assemble(static, sim.run(seq_len, batch_size), opts)
+    plan = MemoryPlan(terms=terms, total_bytes=total, device_memory=dev_mem,
+                      settings=dict(model=_model_name(config_or_model, config), r=r, seq_len=seq_len,
+                                    batch_size=batch_size, optimizer=optimizer,
+                                    gradient_checkpointing=gradient_checkpointing, compute_dtype=compute_dtype,
+                                    device=device),
+                      counts=static["counts"])
+    if dev_mem is not None:
+        plan.fits = total <= dev_mem
+        total_at = lambda s, b: _assemble(static, sim.run(s, b), opts)[1]  # noqa: E731
+        limit = getattr(config, "max_position_embeddings", None) or 1 << 20
+        plan.max_seq_len = _largest(lambda n: total_at(n, batch_size), dev_mem, limit, SEQ_GRANULARITY)
+        plan.max_batch_size = _largest(lambda n: total_at(seq_len, n), dev_mem, 1 << 16, 1)
+    return plan
+
+
+SEQ_GRANULARITY = 64  # max_seq_len is reported as a multiple of this
+
+
+def _largest(total_at, budget: int, limit: int, step: int) -> Optional[int]:
+    """Largest multiple n of `step` in [step, limit] with total_at(n) <= budget (total_at grows with n), None when
+    `step` does not fit. A quadratic through three simulated points gives the candidate (activations grow
+    linearly in tokens, attention scores quadratically in sequence length); simulations around it confirm it."""
+    fits = lambda n: total_at(n) <= budget  # noqa: E731
+    if not fits(step):
+        return None
+    xs = [step, 2 * step, 4 * step]
+    ys = [float(total_at(x)) for x in xs]
+    # Newton form of the quadratic through the three points
+    d1 = (ys[1] - ys[0]) / (xs[1] - xs[0])
+    d2 = ((ys[2] - ys[1]) / (xs[2] - xs[1]) - d1) / (xs[2] - xs[0])
+    a, b, c = d2, d1 - d2 * (xs[0] + xs[1]), ys[0] - d1 * xs[0] + d2 * xs[0] * xs[1]
+    c -= budget
+    if abs(a) < 1e-12:
+        root = -c / b if b > 0 else float(limit)
+    else:
+        disc = b * b - 4 * a * c
+        root = (-b + math.sqrt(disc)) / (2 * a) if disc >= 0 else float(limit)
+    n = max(step, min(limit, int(root)) // step * step)
+    while n > step and not fits(n):
+        n -= step
+    while n + step <= limit and fits(n + step):
+        n += step
+    return n
+
+
+def _model_name(arg, config) -> str:
+    if isinstance(arg, str) and arg in PRESETS:
+        return arg
+    return getattr(config, "_name_or_path", None) or getattr(config, "model_type", "model")
+
+
+def _static_terms(config, opts) -> dict:
+    model = _meta_model(config, opts)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    nf4 = sum(m.weight.nbytes for m in layers.values())
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    seen, dense, dense_params = set(), 0, 0
+    lora_ids = {id(p) for p in lora}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen or id(t) in lora_ids:
+            continue
+        seen.add(id(t))
+        if any(t is b for m in layers.values() for b in (m.weight_packed, m.weight_absmax,
+                                                          m.weight_nested_absmax, m.weight_offset)):
+            continue
+        dense += _nbytes(t)
+        dense_params += t.numel() if t.is_floating_point() else 0
+    lora_bytes = sum(_nbytes(p) for p in lora)
+    return dict(nf4=nf4, dense=dense, lora=lora_bytes, grads=lora_bytes,
+                states=_optimizer_state_bytes(lora, opts["optimizer"]),
+                largest_lora=max((_nbytes(p) for p in lora), default=0),
+                counts=dict(nf4_params=sum(m.in_features * m.out_features for m in layers.values()),
+                            nf4_layers=len(layers), dense_params=dense_params,
+                            lora_params=sum(p.numel() for p in lora), num_layers=config.num_hidden_layers))
+
+
+def _assemble(static, act, opts) -> tuple:
+    terms = {
+        "NF4 weights + scales": static["nf4"],
+        "dense modules (embeddings, norms, lm_head)": static["dense"],
+        "LoRA weights": static["lora"],
+        "LoRA gradients": static["grads"],
+        f"optimizer states ({opts['optimizer']})": static["states"],
+        "saved activations" + (" (checkpointed)" if opts["gradient_checkpointing"] else ""): act["saved"],
+        "logits and loss": act["logits"],
+        "backward peak over the above (net)": act["transient"],
+    }
+    if opts["device"] == "cuda":
+        tensors = sum(terms.values())
+        terms["CUDA context + fragmentation allowance"] = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * tensors)
+    return terms, sum(terms.values())
+
+
+class _Simulator:
+    """Runs forward + backward of a cut-down model (2 and 3 decoder layers) on fake tensors under the
+    tracker, and extrapolates to the full depth."""
+
+    def __init__(self, config, opts):
+        self.config, self.opts = config, opts
+        self.cache = {}
+        self.depth = config.num_hidden_layers
+
+    def run(self, seq_len, batch_size) -> dict:
+        key = (seq_len, batch_size)
+        if key not in self.cache:
+            if self.depth <= 3:
+                self.cache[key] = self._step(self.depth, seq_len, batch_size)
+            else:  # layer 0 differs (its input needs no gradient); from 2 layers on, each adds the same
+                a, b = self._step(2, seq_len, batch_size), self._step(3, seq_len, batch_size)
+                self.cache[key] = {k: a[k] + (self.depth - 2) * (b[k] - a[k]) for k in a}
+        return self.cache[key]
+
+    def _step(self, layers, seq_len, batch_size) -> dict:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        opts = self.opts
+        model = _meta_model(self.config, opts, layers)
+        fake = FakeTensorMode()
+        with fake:
+            for module in model.modules():
+                for store in (module._parameters, module._buffers):
+                    for name, t in list(store.items()):
+                        if t is None:
+                            continue
+                        f = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+                        store[name] = nn.Parameter(f, requires_grad=t.requires_grad) if isinstance(
+                            t, nn.Parameter) else f
+            vocab = self.config.vocab_size
+            ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="cpu")
+        for m in model.modules():
+            if isinstance(m, QLoRALinear):
+                m._weight_cache = None
+        model.train()
+        if opts["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        head = model.get_output_embeddings()
+        tracker = LiveTensorTracker(descend=scratch_ops() if opts["device"] == "cpu" else ())
+        for t in list(model.parameters()) + list(model.buffers()):
+            tracker.track(t)
+        base = tracker.current
+        marks = {}
+
+        def mark_head(*_):  # activations saved up to the output head; the rest of forward is logits and loss
+            marks.setdefault("head", tracker.current)
+
+        hook = head.register_forward_pre_hook(mark_head)
+        with fake, tracker, _eager_transformers():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            forward_end = tracker.current
+            loss.backward()
+        hook.remove()
+        del vocab
+        grads = sum(_nbytes(p.grad) for p in model.parameters() if p.grad is not None)
+        saved = marks["head"] - base
+        logits = forward_end - marks["head"]
+        # the peak of the step above what persists (weights) and what the other terms count
+        transient = tracker.peak - base - saved - logits - grads
+        # net: it is negative when LoRA gradients not yet allocated at the peak outweigh the transients
+        return dict(saved=saved, logits=logits, transient=transient)
+
+
+@contextlib.contextmanager
+def _eager_transformers():
+    """transformers takes its tracing path for fake tensors (a materialized causal mask, KV heads repeated
+    for grouped-query attention); a real eager step does not. Hide the fakeness so the simulated step is the
+    eager one. The one data check left on that path (packed sequences in position_ids) is answered: none.
+    No attention mask is passed."""
+    from transformers import masking_utils
+    from transformers.utils import import_utils
+
+    saved = import_utils.is_fake_tensor, getattr(masking_utils, "find_packed_sequence_indices", None)
+    import_utils.is_fake_tensor = lambda x: False
+    if saved[1] is not None:
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        import_utils.is_fake_tensor = saved[0]
+        if saved[1] is not None:
+            masking_utils.find_packed_sequence_indices = saved[1]
+
+
+def measure_step(model, input_ids, optimizer, steps: int = 2, descend: bool = True) -> int:
+    """Peak bytes of live tensors during the last of `steps` real training steps (forward with labels,
+    backward, optimizer.step, zero_grad) of `model` on its device, counting parameters, gradients and
+    optimizer states (the ones alive across steps included). The earlier steps create the optimizer states."""
+    for _ in range(steps - 1):
+        model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    tracker = LiveTensorTracker(descend=scratch_ops() if descend else ())
+    for t in list(model.parameters()) + list(model.buffers()):
+        tracker.track(t)
+    for state in optimizer.state.values():
+        for t in state.values():
+            tracker.track(t)
+    with tracker:
+        model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return tracker.peak

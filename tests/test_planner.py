@@ -1,0 +1,106 @@
+"""plan_memory against measured training steps of tiny Llama models on this CPU, presets, the plan command.
+
+The measurement: peak bytes of live tensor storages (a TorchDispatchMode tracker, entering the NF4 linear ops
+so their dequantize scratch counts) over a full second training step (forward with labels, backward,
+AdamW step), parameters, gradients and optimizer states included. The full sweep is bench/bench_plan.py.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import qlora_kernels as qk  # noqa: E402
+from qlora_kernels.planner import PRESETS, _static_terms, measure_step, parse_bytes, plan_memory  # noqa: E402
+
+
+def tiny(layers, hidden, inter, heads=4, kv=2, vocab=512):
+    return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                    num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab)
+
+
+def measured_peak(config, r, seq, batch, checkpointing):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    qk.prepare_model(model, r=r, verbose=False)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    return measure_step(model, ids, opt)
+
+
+@pytest.mark.parametrize("layers, hidden, inter, seq, batch, r, checkpointing", [
+    (2, 128, 256, 64, 2, 8, False),   # simulated at full depth
+    (5, 64, 160, 96, 1, 16, True),    # extrapolated from 2 and 3 layers
+])
+def test_plan_within_5_percent_of_measured_step(layers, hidden, inter, seq, batch, r, checkpointing):
+    config = tiny(layers, hidden, inter)
+    plan = plan_memory(config, r=r, seq_len=seq, batch_size=batch, optimizer="adamw_torch",
+                       gradient_checkpointing=checkpointing, compute_dtype=torch.float32, device="cpu")
+    assert sum(plan.terms.values()) == plan.total_bytes == plan.tensor_bytes  # no allowance on the CPU
+    measured = measured_peak(config, r, seq, batch, checkpointing)
+    assert abs(plan.total_bytes / measured - 1) <= 0.05, (plan.total_bytes, measured, plan.terms)
+
+
+def test_static_counts_from_the_module_tree():
+    opts = dict(r=64, target_modules="all-linear", blocksize=64, double_quant=True, compute_dtype=torch.bfloat16,
+                adapter_dtype=torch.bfloat16, optimizer="paged_adamw_32bit")
+    config = transformers.AutoConfig.for_model(**PRESETS["llama-7b"])
+    static = _static_terms(config, opts)
+    h, i, layers = 4096, 11008, 32
+    assert static["counts"]["nf4_params"] == layers * (4 * h * h + 3 * h * i)
+    assert static["counts"]["lora_params"] == layers * 64 * (4 * 2 * h + 3 * (h + i))
+    assert static["states"] == 8 * static["counts"]["lora_params"]  # paged 32-bit AdamW: two float32 states
+    assert static["nf4"] == pytest.approx(static["counts"]["nf4_params"] * 4.127 / 8, rel=1e-3)
+
+
+def test_device_memory_search():
+    from qlora_kernels.planner import _largest
+
+    calls = []
+
+    def total_at(n):  # a quadratic with a linear part, as attention makes activations in sequence length
+        calls.append(n)
+        return 1000 + 37 * n + n * n // 50
+
+    for budget in (5000, 123456, 10**7):
+        best = _largest(total_at, budget, 4096, 64)
+        assert total_at(best) <= budget and (best == 4096 or total_at(best + 64) > budget)
+    assert _largest(total_at, 1000, 4096, 64) is None
+    assert len(calls) < 40  # fitted, then confirmed: not a scan
+    config = tiny(2, 64, 128, vocab=256)
+    base = plan_memory(config, r=4, seq_len=64, batch_size=1, compute_dtype=torch.float32, device="cpu")
+    tight = plan_memory(config, r=4, seq_len=64, batch_size=1, compute_dtype=torch.float32, device="cpu",
+                        device_memory=base.total_bytes // 2)
+    assert tight.fits is False and tight.max_seq_len is None and "does NOT fit" in tight.table()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        plan_memory("llama-7b", optimizer="adam_typo")
+    with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
+        plan_memory("llama-7b", seq_len=0)
+    with pytest.raises(ValueError, match="neither a preset"):
+        plan_memory("llama-8b")
+    with pytest.raises(ValueError, match="device must be"):
+        plan_memory("llama-7b", device="tpu")
+    with pytest.raises(ValueError, match="device_memory: cannot read"):
+        parse_bytes("lots")
+    assert parse_bytes("48GB") == 48 * 2**30 == parse_bytes("48 GiB")
+
+
+def test_plan_command(tmp_path, capsys):
+    from qlora_kernels.__main__ import main
+
+    tiny(1, 64, 128).save_pretrained(tmp_path)
+    assert main(["plan", str(tmp_path), "--seq", "64", "--batch", "2", "--r", "8", "--gpu", "2GB"]) == 0
+    out = capsys.readouterr().out
+    for row in ("NF4 weights + scales", "LoRA gradients", "optimizer states (paged_adamw_32bit)",
+                "saved activations (checkpointed)", "logits and loss", "CUDA context", "total", "fits",
+                "largest seq len at batch 2", "largest batch at seq len 64"):
+        assert row in out
+    assert main(["plan", "llama-8b"]) == 2
+    fits = [line for line in out.splitlines() if "largest" in line]
+    assert all(line.split(":")[-1].strip().isdigit() for line in fits), fits
