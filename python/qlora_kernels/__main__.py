@@ -113,7 +113,7 @@ def _plan(rest) -> int:
     parser.add_argument("--optimizer", default="paged_adamw_32bit")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--adapter-dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--adapter-dtype", default="float32", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--target-modules", default="all-linear", help="all-linear, or comma-separated names")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args(rest)
@@ -126,7 +126,7 @@ def _plan(rest) -> int:
         plan = plan_memory(args.config, r=args.r, target_modules=targets, seq_len=args.seq, batch_size=args.batch,
                            optimizer=args.optimizer, gradient_checkpointing=not args.no_gradient_checkpointing,
                            compute_dtype=getattr(torch, args.dtype),
-                           adapter_dtype=getattr(torch, args.adapter_dtype) if args.adapter_dtype else None,
+                           adapter_dtype=getattr(torch, args.adapter_dtype),
                            device=args.device, device_memory=args.gpu)
     except (ValueError, TypeError) as exc:
         print(f"plan: {exc}", file=sys.stderr)

@@ -231,7 +231,7 @@ def load_pretrained(
     blocksize: int = 64,
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.bfloat16,
-    adapter_dtype: Optional[torch.dtype] = None,
+    adapter_dtype: Optional[torch.dtype] = torch.float32,
     device=None,
     gradient_checkpointing: bool = False,
     auto_class=None,
@@ -253,7 +253,8 @@ def load_pretrained(
 
     Args:
         r, alpha, dropout, use_rslora: the LoRA adapters (B = 0: the model starts as the base model).
-        adapter_dtype: dtype of the adapters and of the replaced layers' biases (default: compute_dtype).
+        adapter_dtype: the adapters' storage dtype: float32 (default, as prepare_model) or None for
+            compute_dtype; their math runs in the activation dtype.
         device: where the model lives (default: cuda when available, else cpu).
         gradient_checkpointing: switch on transformers' non-reentrant activation checkpointing.
         auto_class: transformers auto class building the skeleton (default AutoModelForCausalLM).

@@ -291,7 +291,7 @@ def plan_memory(
     optimizer: str = "adamw_torch",
     gradient_checkpointing: bool = False,
     compute_dtype: torch.dtype = torch.bfloat16,
-    adapter_dtype: Optional[torch.dtype] = None,
+    adapter_dtype: Optional[torch.dtype] = torch.float32,
     blocksize: int = 64,
     double_quant: bool = True,
     device: str = "cuda",
@@ -307,7 +307,8 @@ def plan_memory(
         optimizer: transformers' names ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit",
             ...) or this package's ("AdamW8bit", "PagedAdamW", "PagedAdamW8bit").
         gradient_checkpointing: transformers' non-reentrant activation checkpointing per decoder layer.
-        compute_dtype / adapter_dtype: activations and dense modules / LoRA weights (default compute_dtype).
+        compute_dtype / adapter_dtype: activations and dense modules / LoRA weights (float32 by default, as
+            prepare_model stores them; None: compute_dtype).
         device: "cuda" (fused Triton linear, no dequantize scratch; adds the context + fragmentation allowance)
             or "cpu" (the native path dequantizes W to a scratch buffer; no allowance).
         device_memory: bytes or "48GB" (GiB): fills fits, max_seq_len and max_batch_size.
