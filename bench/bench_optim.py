@@ -101,6 +101,8 @@ def main(argv=None) -> None:
             row = {"case": f"{mi}M {args.dtype}", "impl": name, **t, "spread_ms": f"{t['p20_ms']:.1f}-{t['p80_ms']:.1f}",
                    "state_B/param": sb / n}
             case_rows.append(with_rates(row, nbytes=moved, copy_gbs=copy_gbs))
+            print(f"  {row['case']:>14}  {name:<34} {t['median_ms']:9.1f} ms  ({row['spread_ms']})  "
+                  f"{sb / n:.3f} state B/param", flush=True)
             del opt, p
         ours = next((r for r in case_rows if r["impl"] == "qlora_kernels AdamW8bit"), None)
         for r in case_rows:
