@@ -48,6 +48,9 @@ CASES = [
     (17, 50, 91, 32, True, 64, False, False),
     (64, 70, 256, 64, True, 16, True, True),
     (64, 33, 150, 32, False, 1, True, False),
+    # aligned fast path (nf4_tile_fast: no W masks, int32 words) for every kernel at the SMALL tiles
+    (5, 64, 128, 32, True, 8, True, False),
+    (20, 32, 64, 32, False, 4, False, True),
 ]
 IDS = [f"M{c[0]}-N{c[1]}-K{c[2]}-bs{c[3]}-{'dq' if c[4] else 'nodq'}-r{c[5]}{'-bias' if c[6] else ''}{'-strided' if c[7] else ''}"
        for c in CASES]
@@ -245,6 +248,18 @@ def test_bad_inputs():
         tk.nf4_linear(x.to(torch.float64), *launch_args(W))
     with pytest.raises(ValueError, match="at most 16"):
         tk.nf4_decode(torch.zeros(17, 64, device=DEVICE), *launch_args(W))
+
+
+def test_fast_path_cases_take_the_fast_path():
+    """The two aligned CASES run nf4_tile_fast (int32 words, no W masks) in every kernel at the SMALL tiles;
+    the others take the masked path. The interpreter runs its gather variant (LUT_ASM off)."""
+    from qlora_kernels.triton_kernels._common import fast_flags
+
+    for M, N, K, bs, *_ in CASES:
+        for op, cfg in SMALL.items():
+            flags = fast_flags(N, K, bs, cfg.block_n, cfg.block_k, torch.float16)
+            assert flags["FAST"] == ((M, N, K) in ((5, 64, 128), (20, 32, 64))), (op, M, N, K)
+            assert not flags["LUT_ASM"] or ON_GPU
 
 
 # --------------------------------------------------------------------------------------------- dispatcher

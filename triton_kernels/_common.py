@@ -32,6 +32,15 @@ def dtype_flags(dtype: torch.dtype) -> dict:
     )
 
 
+def fast_flags(rows: int, k_in: int, blocksize: int, block_rows: int, block_k: int, dtype: torch.dtype) -> dict:
+    """FAST: the aligned fast path of the W tile (nf4_tile_fast): no masks on W (rows % block_rows == 0,
+    k_in % block_k == 0), whole blocks per tile row (block_k % blocksize == 0), 16-bit activations.
+    LUT_ASM: its register lookup in PTX; the interpreter runs the same path with a gather instead."""
+    fast = (dtype in (torch.float16, torch.bfloat16) and rows % block_rows == 0 and k_in % block_k == 0
+            and block_k % blocksize == 0)
+    return dict(FAST=fast, LUT_ASM=fast and not triton_interpreting())
+
+
 def r_pad(r: int) -> int:
     """Rank padded to a power of two >= 16 (tl.dot's minimum); ranks 1..128 supported, more works too."""
     return max(16, triton.next_power_of_2(max(1, r)))
