@@ -23,7 +23,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    activation, check_weight, dtype_flags, fast_flags, lora_bias_epilogue, lora_pair, r_pad, weight_args, weight_flags,
+    activation, check_weight, dtype_flags, fast_flags, lora_bias_epilogue, lora_pair, on_input_device, r_pad,
+    weight_args, weight_flags,
 )
 from .configs import LaunchConfig, pick_config
 from .nf4_tile import nf4_tile, nf4_tile_fast
@@ -116,6 +117,7 @@ def _nf4_decode_reduce_kernel(
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(ACT), mask=mask)
 
 
+@on_input_device
 def nf4_decode(
     x: Tensor,
     packed: Tensor,

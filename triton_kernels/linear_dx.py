@@ -14,7 +14,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    activation, check_weight, dtype_flags, fast_flags, lora_bias_epilogue, lora_pair, r_pad, weight_args, weight_flags,
+    activation, check_weight, dtype_flags, fast_flags, lora_bias_epilogue, lora_pair, on_input_device, r_pad,
+    weight_args, weight_flags,
 )
 from .configs import LaunchConfig, pick_config
 from .nf4_tile import nf4_tile, nf4_tile_fast
@@ -71,6 +72,7 @@ def _nf4_linear_dx_kernel(
     tl.store(dx_ptrs, acc.to(ACT), mask=m_ok[:, None] & (rk < K)[None, :])
 
 
+@on_input_device
 def nf4_linear_dx(
     dy: Tensor,
     packed: Tensor,

@@ -14,7 +14,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    activation, check_weight, dtype_flags, fast_flags, lora_bias_epilogue, lora_pair, r_pad, weight_args, weight_flags,
+    activation, check_weight, dtype_flags, fast_flags, lora_bias_epilogue, lora_pair, on_input_device, r_pad,
+    weight_args, weight_flags,
 )
 from .configs import LaunchConfig, pick_config
 from .nf4_tile import nf4_tile, nf4_tile_fast
@@ -70,6 +71,7 @@ def _nf4_linear_kernel(
     tl.store(y_ptrs, acc.to(ACT), mask=m_ok[:, None] & (rn < N)[None, :])
 
 
+@on_input_device
 def nf4_linear(
     x: Tensor,
     packed: Tensor,
