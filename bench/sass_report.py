@@ -59,6 +59,7 @@ MACHINE = {90: dict(sms=132, schedulers=4, clock_hz=1.9e9, regs=65536, smem=2334
            80: dict(sms=108, schedulers=4, clock_hz=1.41e9, regs=65536, smem=167936)}
 SHORT = {"_nf4_linear_kernel": "fwd", "_nf4_linear_dx_kernel": "dx", "_nf4_decode_kernel": "decode",
          "_nf4_decode_reduce_kernel": "decode_reduce"}
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _ORIGINALS: dict = {}
 
 
@@ -363,7 +364,7 @@ def table(records: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in records:
         c = r["config"]
-        tiles = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}" + (f"/{c['SPLIT_K']}" if c.get("SPLIT_K", 1) > 1 else "")
+        tiles = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c.get('BLOCK_K', '-')}" + (f"/{c['SPLIT_K']}" if c.get("SPLIT_K", 1) > 1 else "")
         m = r.get("model")
         ipw = f"{r['instructions_per_weight']:.2f}" if r["instructions_per_weight"] is not None else "-"
         npw = f"{r['narrow_global_loads_per_weight']:.3f}" if r["narrow_global_loads_per_weight"] is not None else "-"
@@ -371,7 +372,7 @@ def table(records: list[dict]) -> str:
                f"{m['roofline_fraction']:6.2f}"
                if m else "")
         lines.append(
-            f"{r['kernel']:<7}{r['cap']:>3} {r['dtype'][:4]:<6}{'y' if r['double_quant'] else 'n':<3}{r['M']:>5}{r['N']:>6} "
+            f"{r['kernel']:<7}{r['cap']:>3} {SHORT_DTYPE.get(r['dtype'], r['dtype']):<6}{'y' if r['double_quant'] else 'n':<3}{r['M']:>5}{r['N']:>6} "
             f"{tiles:<14}{c['num_warps']:>2}{c['num_stages']:>2} {r['loop_instructions']:>5}"
             f"{r['weights_per_thread_per_iteration']:>6}{ipw:>6}{npw:>9}{r['global_loads_16B']:>4}{r['shared_bytes']:>7}"
             f"{r['registers']:>5}{r['spills']:>6} {mod}")
@@ -400,6 +401,10 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.from_json:
         records = json.loads(Path(a.from_json).read_text())
+        if a.save is not None:  # split a combined report into the committed per-capability files
+            for cap in sorted({r["cap"] for r in records}):
+                dest = ROOT / "bench" / "results" / f"sass-sm{cap}{'-' + a.save if a.save else ''}.json"
+                dest.write_text(json.dumps([r for r in records if r["cap"] == cap], indent=1))
         for r in records:
             sass_file = Path(a.out) / r["sass"]
             if sass_file.exists():  # recount from the SASS kept under --out (older reports lack newer keys)

@@ -255,3 +255,16 @@ def test_register_lookup_is_bit_exact():
                 codes = [c for b in byte for c in (b >> 4, b & 0xF)]  # memory order: high nibble first
                 want = [ref[c] & 0xFFFF for c in codes]
                 assert got == want, (dtype, s, hex(w), [hex(v) for v in got], [hex(v) for v in want])
+
+
+def test_dispatch_model_uses_the_committed_sass_report():
+    """dispatch.DEVICE_MODEL's fused efficiency is the sass_report model's figure in bench/results (until a GPU
+    measures it): regenerating the report without updating the dispatcher fails here."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench.sass_report import fused_eff_from
+    from qlora_kernels.triton_kernels.dispatch import DEVICE_MODEL
+
+    for cap in (90, 80):
+        records = json.loads((ROOT / "bench" / "results" / f"sass-sm{cap}.json").read_text())
+        assert abs(fused_eff_from(records, cap) - DEVICE_MODEL[cap // 10]["fused_eff"]) < 1e-3, cap

@@ -269,9 +269,10 @@ def test_dispatch_rules():
     assert d.plan_linear("fwd", 1, 4096, 4096, 16, cpu) == "decode"
     assert d.plan_linear("fwd", 17, 4096, 4096, 16, cpu) == "fused"
     assert d.plan_linear("dx", 1, 4096, 4096, 16, cpu) == "fused"
-    # the roofline model: fused wins at small and mid M, cuBLAS at very large M (unmeasured constants)
+    # the roofline model: fused wins at small and mid M, cuBLAS at very large M (unmeasured constants; eta
+    # from bench/sass_report's model, 0.703 on sm_90: M* = 961 at 4096 x 4096, r = 16)
     cross = d.crossover_m(4096, 4096, 16, 9)
-    assert 512 < cross < 16384, cross
+    assert 512 < cross < 4096, cross
     assert d.crossover_m(4096, 4096, 0, 9) <= cross  # LoRA's extra addmm favours the fused kernel
     # every table config fits its constraints after fitting to odd shapes
     for (op, cap, bucket), cfg in d.HEURISTICS.items():
