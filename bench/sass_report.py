@@ -1,6 +1,7 @@
 """The fused Triton kernels' main loops, read from their sm_90 / sm_80 SASS, and a static performance model.
 
     python -m bench.sass_report [--out DIR] [--caps 90,80] [--jobs N] [--quick] [--save [TAG]]
+    python -m bench.sass_report --from bench/results/sass-sm90.json      (re-model and print a saved report)
 
 No GPU needed: every Triton kernel is compiled with `triton.compile(..., target=GPUTarget("cuda", cap, 32))`
 at the configuration the dispatcher picks for each benchmark shape (the real launchers are called on meta
@@ -28,7 +29,9 @@ three pipes, the epilogue and the prologue ignored) gives per shape
     issue  = CTAs * iterations * warps * loop_instructions / (SMs * 4 schedulers * clock)
     tensor = 2 * M_padded * N * K / P                 (P: measured bf16 matmul rate, DEVICE_MODEL)
     memory = (N K bits/8 + e (M K + M N)) / BW         (W once at 4.127 or 4.5 bits, activations once)
-    time   = max(issue, tensor, memory);   roofline fraction = max(2 M N K / P, memory) / time.
+    time   = max(issue, tensor, memory);   roofline fraction = max(2 M N K / P, memory) / time,
+except that a loop waiting for its own wgmma (WARPGROUP.DEPBAR.LE gsb0, 0x0 in the loop) with one resident CTA
+per SM (registers, shared memory) cannot overlap the two: time = max(issue + tensor, memory).
 The dispatcher's fused efficiency (dispatch.DEVICE_MODEL["fused_eff"]) is this model's roofline fraction of
 the forward at M = 4096, N = K = 4096 (bf16, double quant) until bench_linear measures it on a GPU.
 """
@@ -52,9 +55,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = {80: 166912, 90: 232448}
 ARCH = {80: "sm_80", 90: "sm_90a"}
 # issue model: SMs, schedulers per SM, clock (Hz); P and BW come from dispatch.DEVICE_MODEL
-MACHINE = {90: dict(sms=132, schedulers=4, clock_hz=1.9e9), 80: dict(sms=108, schedulers=4, clock_hz=1.41e9)}
+MACHINE = {90: dict(sms=132, schedulers=4, clock_hz=1.9e9, regs=65536, smem=233472),
+           80: dict(sms=108, schedulers=4, clock_hz=1.41e9, regs=65536, smem=167936)}
 SHORT = {"_nf4_linear_kernel": "fwd", "_nf4_linear_dx_kernel": "dx", "_nf4_decode_kernel": "decode",
          "_nf4_decode_reduce_kernel": "decode_reduce"}
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _ORIGINALS: dict = {}
 
 
@@ -257,11 +262,26 @@ def model(rec: dict, M: int, N: int, K: int, dq: bool, e: int = 2) -> dict:
     issue = warp_instr / (mach["sms"] * mach["schedulers"] * mach["clock_hz"])
     tensor = 2 * cdiv(M, bm) * bm * N * K / P
     memory = (N * K * (4.127 if dq else 4.5) / 8 + e * (M * K + M * N)) / BW
-    t = max(issue, tensor, memory)
+    # A loop that waits for its own wgmma overlaps dequantization with the tensor cores only through a second
+    # CTA on the SM; with one CTA per SM (registers or shared memory) the two add up.
+    ctas = ctas_per_sm(rec)
+    serial = rec.get("waits_for_own_mma", False) and ctas < 2
+    t = max(issue + tensor if serial else max(issue, tensor), memory)
     ideal = max(2 * M * N * K / P, memory)
-    bound = "issue" if t == issue else ("tensor" if t == tensor else "memory")
+    bound = "memory" if t == memory else ("issue+tensor" if serial else ("issue" if issue >= tensor else "tensor"))
     return {"M": M, "N": N, "K": K, "issue_us": issue * 1e6, "tensor_us": tensor * 1e6, "memory_us": memory * 1e6,
-            "predicted_us": t * 1e6, "bound": bound, "roofline_fraction": ideal / t}
+            "ctas_per_sm": ctas, "serialized": serial, "predicted_us": t * 1e6, "bound": bound,
+            "roofline_fraction": ideal / t}
+
+
+def ctas_per_sm(rec: dict) -> int:
+    """Resident CTAs per SM from registers (allocated per warp in units of 256) and shared memory (+1 KB each)."""
+    mach = MACHINE[rec["cap"]]
+    warps = rec["config"]["num_warps"]
+    per_warp = -(-max(rec["registers"], 1) * 32 // 256) * 256
+    by_regs = mach["regs"] // (warps * per_warp)
+    by_smem = mach["smem"] // (rec["shared_bytes"] + 1024)
+    return max(0, min(by_regs, by_smem, 32))
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -303,7 +323,10 @@ def analyze_case(case: dict, sass_dir: str | None = None) -> list[dict]:
         config = {c: consts[c] for c in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K") if c in consts}
         config.update(num_warps=options.get("num_warps"), num_stages=options.get("num_stages"))
         wpt = weights_per_thread(kern, config, config["num_warps"])
-        counts = loop_counts(main_loop(sass))
+        body = main_loop(sass)
+        counts = loop_counts(body)
+        # the loop waits for its own wgmma group before the next iteration's dequantization
+        counts["waits_for_own_mma"] = any(re.match(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", i) for i in body)
         pinfo = ptxas_info(ptx, cap)
         rec = {
             "kernel": kern, "function": fn.__name__, "cap": cap, "dtype": case["dtype_name"], "case": name,
@@ -337,18 +360,19 @@ def run(todo: list[dict], sass_dir: str | None = None, jobs: int | None = None) 
 def table(records: list[dict]) -> str:
     head = (f"{'kernel':<7}{'sm':>3} {'dtype':<6}{'dq':<3}{'M':>5}{'N=K':>6} {'tiles':<14}{'w':>2}{'s':>2} "
             f"{'loop':>5}{'w/thr':>6}{'ins/w':>6}{'narrow/w':>9}{'16B':>4}{'smem':>7}{'regs':>5}{'spill':>6} "
-            f"{'issue':>8}{'tensor':>8}{'memory':>8}{'bound':>7}{'roof':>6}")
+            f"{'issue':>8}{'tensor':>8}{'memory':>8}{'cta':>4}{'bound':>13}{'roof':>6}")
     lines = [head, "-" * len(head)]
     for r in records:
         c = r["config"]
-        tiles = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}" + (f"/{c['SPLIT_K']}" if c.get("SPLIT_K", 1) > 1 else "")
+        tiles = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c.get('BLOCK_K', '-')}" + (f"/{c['SPLIT_K']}" if c.get("SPLIT_K", 1) > 1 else "")
         m = r.get("model")
         ipw = f"{r['instructions_per_weight']:.2f}" if r["instructions_per_weight"] is not None else "-"
         npw = f"{r['narrow_global_loads_per_weight']:.3f}" if r["narrow_global_loads_per_weight"] is not None else "-"
-        mod = (f"{m['issue_us']:8.1f}{m['tensor_us']:8.1f}{m['memory_us']:8.1f}{m['bound']:>7}{m['roofline_fraction']:6.2f}"
+        mod = (f"{m['issue_us']:8.1f}{m['tensor_us']:8.1f}{m['memory_us']:8.1f}{m.get('ctas_per_sm', 0):>4}{m['bound']:>13}"
+               f"{m['roofline_fraction']:6.2f}"
                if m else "")
         lines.append(
-            f"{r['kernel']:<7}{r['cap']:>3} {r['dtype'][:4]:<6}{'y' if r['double_quant'] else 'n':<3}{r['M']:>5}{r['N']:>6} "
+            f"{r['kernel']:<7}{r['cap']:>3} {SHORT_DTYPE.get(r['dtype'], r['dtype']):<6}{'y' if r['double_quant'] else 'n':<3}{r['M']:>5}{r['N']:>6} "
             f"{tiles:<14}{c['num_warps']:>2}{c['num_stages']:>2} {r['loop_instructions']:>5}"
             f"{r['weights_per_thread_per_iteration']:>6}{ipw:>6}{npw:>9}{r['global_loads_16B']:>4}{r['shared_bytes']:>7}"
             f"{r['registers']:>5}{r['spills']:>6} {mod}")
@@ -370,9 +394,32 @@ def main(argv=None) -> None:
     ap.add_argument("--caps", default="90,80")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--from", dest="from_json", default=None, metavar="JSON",
+                    help="recompute the model and print the table of a saved report instead of compiling")
     ap.add_argument("--save", nargs="?", const="", default=None, metavar="TAG",
                     help="also write bench/results/sass-sm<cap>[-TAG].json (the committed figures)")
     a = ap.parse_args(argv)
+    if a.from_json:
+        records = json.loads(Path(a.from_json).read_text())
+        if a.save is not None:  # split a combined report into the committed per-capability files
+            for cap in sorted({r["cap"] for r in records}):
+                dest = ROOT / "bench" / "results" / f"sass-sm{cap}{'-' + a.save if a.save else ''}.json"
+                dest.write_text(json.dumps([r for r in records if r["cap"] == cap], indent=1))
+        for r in records:
+            sass_file = Path(a.out) / r["sass"]
+            if sass_file.exists():  # recount from the SASS kept under --out (older reports lack newer keys)
+                body = main_loop(sass_file.read_text())
+                r.update(loop_counts(body))
+                r["waits_for_own_mma"] = any(re.match(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", i) for i in body)
+            if r["kernel"] != "decode_reduce":
+                r["model"] = model(r, r["M"], r["N"], r["K"], r["double_quant"], 2 if r["dtype"] != "float32" else 4)
+        Path(a.from_json).write_text(json.dumps(records, indent=1))
+        print(table(records))
+        for cap in sorted({r["cap"] for r in records}):
+            eff = fused_eff_from(records, cap)
+            if eff is not None:
+                print(f"sm_{cap}: model roofline fraction of the forward at 4096^3 (dispatch fused_eff) = {eff:.3f}")
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     caps = tuple(int(c) for c in a.caps.split(","))

@@ -6,7 +6,11 @@ rank 128, decode with and without split-K), is compiled for sm_80 and sm_90 with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`. The compiled kernel must
 - use wgmma on sm_90 when a tile is >= 64 rows (the forward/dx main loop),
 - spill no registers (ptxas -v from the ptxas bundled with triton, same flags triton uses),
-- fit the device's shared memory (sm_90: 227 KiB, sm_80: 163 KiB per block).
+- stay 10% below the device's shared memory (sm_90: 227 KiB, sm_80: 163 KiB per block), and <= 113 KB (two
+  CTAs per SM) for the sm_90 forward and dx at M >= 512,
+- on the aligned fast path: load the packed words with 16-byte loads (async copies in the sm_90 forward and
+  dx), with no narrow load per weight; and stay within the instructions per weight reached (see below).
+The counts come from bench.sass_report (the same functions `python -m bench.sass_report` prints with).
 
 The argument signature is not written by hand: the real launchers are called on meta tensors with the
 kernels replaced by recorders, and the recorded arguments become the signature (ints equal to 1 become
@@ -28,135 +32,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = {80: 166912, 90: 232448}
-ARCH = {80: "sm_80", 90: "sm_90a"}
-_ORIGINALS: dict = {}
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def _record_launches(cap: int, op: str, M: int, N: int, K: int, blocksize: int, r: int, dq: bool, dtype_name: str,
-                     bias: bool, config: tuple | None = None):
-    """Call the real launcher on meta tensors with recorders in place of the kernels; return the launches."""
-    import torch
-
-    from qlora_kernels.triton_kernels import LaunchConfig, configs, decode, linear_dx, linear_fwd
-
-    configs.capability = lambda device: cap // 10
-    configs.sm_count = lambda device: 132 if cap == 90 else 108
-    launches = []
-
-    class Recorder:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
-
-    for mod, names in ((linear_fwd, ["_nf4_linear_kernel"]), (linear_dx, ["_nf4_linear_dx_kernel"]),
-                       (decode, ["_nf4_decode_kernel", "_nf4_decode_reduce_kernel"])):
-        for name in names:
-            fn = _ORIGINALS.setdefault((mod.__name__, name), getattr(mod, name))
-            setattr(mod, name, Recorder(fn))
-    dtype = getattr(torch, dtype_name)
-    meta = torch.device("meta")
-    n = N * K
-    nb = -(-n // blocksize)
-    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=meta)
-    if dq:
-        absmax = torch.empty(nb, dtype=torch.uint8, device=meta)
-        nested, offset = torch.empty(-(-nb // 256), device=meta), torch.empty((), device=meta)
-    else:
-        absmax, nested, offset = torch.empty(nb, device=meta), None, None
-    t = lambda *s: torch.empty(*s, dtype=dtype, device=meta)  # noqa: E731
-    w = (packed, absmax, nested, offset, N, K, blocksize)
-    cfg = None if config is None else LaunchConfig(*config)
-    u, b, bias_t = t(M, r) if r else None, t(N, r) if r else None, t(N) if bias else None
-    if op == "fwd":
-        linear_fwd.nf4_linear(t(M, K), *w, u, b, 0.5, bias_t, config=cfg)
-    elif op == "decode":
-        decode.nf4_decode(t(M, K), *w, u, b, 0.5, bias_t, config=cfg)
-    else:
-        linear_dx.nf4_linear_dx(t(M, N), *w, u, t(r, K) if r else None, 0.5, config=cfg)
-    return launches
-
-
-def _signature(fn, args, kwargs):
-    import torch
-
-    tys = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8"}
-    names = fn.arg_names
-    sig, consts, attrs = {}, {}, {}
-    for i, (name, a) in enumerate(zip(names, args)):
-        if isinstance(a, torch.Tensor):
-            sig[name] = "*" + tys[a.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(a, bool):
-            sig[name] = "i1"
-        elif isinstance(a, int):
-            if a == 1:
-                sig[name], consts[name] = "constexpr", 1
-            else:
-                sig[name] = "i32" if -(2**31) <= a < 2**31 else "i64"
-                if a % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(a, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{name}: {type(a)}")
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
-    for name, v in kwargs.items():
-        sig[name], consts[name] = "constexpr", v
-    missing = [nm for nm in names if nm not in sig]
-    assert not missing, missing
-    return sig, consts, attrs, options
-
-
-def _ptxas_spills(ptx: str, cap: int) -> dict:
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    try:
-        ptxas = get_ptxas(cap).path  # triton 3.9: get_ptxas(arch: int)
-    except TypeError:  # older releases: get_ptxas()
-        ptxas = get_ptxas().path
-    with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / "k.ptx"
-        src.write_text(ptx)
-        cmd = [ptxas, "-lineinfo", "--fmad=false", "-v", "--regAllocOptLevel=2", f"--gpu-name={ARCH[cap]}", str(src),
-               "-o", str(Path(d) / "k.o")]  # the flags triton 3.9 passes (compiler.py make_cubin)
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    log = res.stdout + res.stderr
-    stores = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", log))
-    loads = sum(int(v) for v in re.findall(r"(\d+) bytes spill loads", log))
-    regs = max([int(v) for v in re.findall(r"Used (\d+) registers", log)] or [0])
-    return {"spill_stores": stores, "spill_loads": loads, "registers": regs}
-
-
 def compile_case(case: dict) -> list[dict]:
-    import triton
-    from triton.backends.compiler import GPUTarget
+    """bench.sass_report's record of every kernel one call of `case` launches (SASS counts, ptxas, model)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench.sass_report import analyze_case
 
-    cap = case["cap"]
-    out = []
-    for fn, args, kwargs in _record_launches(**case):
-        sig, consts, attrs, options = _signature(fn, args, dict(kwargs))
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
-        ptx = k.asm["ptx"]
-        info = {
-            **case,
-            "kernel": fn.__name__,
-            "tiles": {c: consts[c] for c in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K") if c in consts},
-            "num_warps": options.get("num_warps"),
-            "num_stages": options.get("num_stages"),
-            "wgmma": "wgmma.mma_async" in ptx,
-            "mma": "mma.sync" in ptx,
-            "async_copy": "cp.async" in ptx,
-            "shared": k.metadata.shared,
-        }
-        info.update(_ptxas_spills(ptx, cap))
-        out.append(info)
-    return out
+    return [dict(case, config_given=case.get("config"), **rec) for rec in analyze_case(case)]
 
 
 def cases() -> list[dict]:
@@ -164,7 +49,7 @@ def cases() -> list[dict]:
     base = dict(N=4096, K=4096, blocksize=64, r=64, dq=True, dtype_name="bfloat16", bias=True)
     out = []
     for cap in (80, 90):
-        for op, ms in (("fwd", (64, 256, 1024, 4096)), ("dx", (64, 256, 1024, 4096)), ("decode", (16,))):
+        for op, ms in (("fwd", (64, 256, 512, 4096)), ("dx", (64, 256, 512, 4096)), ("decode", (1, 16))):
             for M in ms:
                 out.append(dict(base, cap=cap, op=op, M=M))
         # layout / dtype / rank variants at the largest tiles: K % blocksize != 0 with rank 128 (two epilogue
@@ -200,27 +85,68 @@ def _run_worker():
     return json.loads(line[len("RESULTS "):])
 
 
+# Targets of the main loop on the benchmark configurations (sm_90, bf16, blocksize 64, double quant), from the
+# same counts bench.sass_report prints. Issue 9 asks fwd <= 5, dx <= 6, decode <= 4 instructions per weight;
+# these are the figures reached (bench/results/sass-sm90.json, here with rank 64 and a bias), so a regression
+# fails here. Not reached yet: the gap is reported in bench/results and the README.
+MAX_INSTR_PER_WEIGHT = {"fwd": 7.6, "dx": 7.8, "decode": 7.2}
+# No per-weight table gather or byte load (the NF4 lookup is in registers): what is left are the per-row scale
+# loads (absmax code byte, dynamic-map entry, nested scale), 3 per tile row and iteration, so tiles with fewer
+# than 32 weights per thread (the small-M configs) stay above 0.1.
+MAX_NARROW_LOADS_PER_WEIGHT = {True: 0.1, False: 0.25}  # keyed on weights_per_thread_per_iteration >= 32
+SMEM_2_CTAS_SM90 = 113 * 1024  # forward and dx at M >= 512: two CTAs per SM
+
+
+def _name(r):
+    return f"{r['kernel']} sm_{r['cap']} M={r['M']} N={r['N']} K={r['K']} bs{r['blocksize']} {r['dtype_name']} {r['config']}"
+
+
+def _problems(r) -> list[str]:
+    name, out = _name(r), []
+    cap, kern, c = r["cap"], r["kernel"], r["config"]
+    if r["spill_stores"] or r["spill_loads"]:
+        out.append(f"{name}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads")
+    if r["shared_bytes"] > 0.9 * SMEM_LIMIT[cap]:
+        out.append(f"{name}: {r['shared_bytes']} B shared memory, not 10% below {SMEM_LIMIT[cap]}")
+    big = c.get("BLOCK_M", 0) >= 64 and kern in ("fwd", "dx") and r["dtype_name"] != "float32"
+    if cap == 90 and big and not r["wgmma"]:
+        out.append(f"{name}: no wgmma in the sm_90 PTX")
+    if cap == 80 and big and not r["mma"]:
+        out.append(f"{name}: no mma.sync in the sm_80 PTX")
+    aligned = r["K"] % c.get("BLOCK_K", 1) == 0 and r["K"] % r["blocksize"] == 0 and r["dtype_name"] != "float32"
+    if kern in ("fwd", "dx", "decode") and aligned:
+        # the aligned fast path: packed words through 16-byte loads, no narrow load per weight
+        # (the M == 1 register-FMA decode, only run when a config asks for it, loads without pipelining)
+        limit = MAX_NARROW_LOADS_PER_WEIGHT[r["weights_per_thread_per_iteration"] >= 32 and r.get("config_given") is None]
+        if r["narrow_global_loads_per_weight"] > limit:
+            out.append(f"{name}: {r['narrow_global_loads_per_weight']:.3f} narrow global loads per weight "
+                       f"(> {limit}): {r['memory']}")
+        if not r["global_loads_16B"]:
+            out.append(f"{name}: no 16-byte global load in the main loop: {r['memory']}")
+    bench = (r["N"], r["K"], r["blocksize"], r["dq"], r["dtype_name"]) == (4096, 4096, 64, True, "bfloat16")
+    bench_m = r["M"] >= 512 if kern in ("fwd", "dx") else True  # the benchmark's M: 512 and 4096; decode 1 and 16
+    if cap == 90 and bench and bench_m and kern in MAX_INSTR_PER_WEIGHT and r.get("config_given") is None:
+        if r["instructions_per_weight"] > MAX_INSTR_PER_WEIGHT[kern]:
+            out.append(f"{name}: {r['instructions_per_weight']:.2f} instructions per weight > {MAX_INSTR_PER_WEIGHT[kern]}")
+        if kern in ("fwd", "dx"):
+            if r["M"] >= 512 and r["shared_bytes"] > SMEM_2_CTAS_SM90:
+                out.append(f"{name}: {r['shared_bytes']} B shared memory > {SMEM_2_CTAS_SM90} (2 CTAs per SM)")
+            if not any(op.startswith("LDGSTS") and op.endswith(".128") for op in r["memory"]):
+                out.append(f"{name}: the 16-byte loads are not async copies (not pipelined): {r['memory']}")
+    return out
+
+
 def test_kernels_compile_for_sm80_and_sm90():
     import pytest
 
     pytest.importorskip("triton")
     results = _run_worker()
-    problems = []
-    for r in results:
-        name = f"{r['kernel']} sm_{r['cap']} {r['op']} M={r['M']} N={r['N']} K={r['K']} {r['dtype_name']} {r['tiles']}"
-        if r["spill_stores"] or r["spill_loads"]:
-            problems.append(f"{name}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads")
-        if r["shared"] > SMEM_LIMIT[r["cap"]]:
-            problems.append(f"{name}: {r['shared']} B shared memory > {SMEM_LIMIT[r['cap']]}")
-        big = r["tiles"].get("BLOCK_M", 0) >= 64 and r["kernel"] in ("_nf4_linear_kernel", "_nf4_linear_dx_kernel")
-        if r["cap"] == 90 and big and r["dtype_name"] != "float32" and not r["wgmma"]:
-            problems.append(f"{name}: no wgmma in the sm_90 PTX")
-        if r["cap"] == 80 and big and r["dtype_name"] != "float32" and not r["mma"]:
-            problems.append(f"{name}: no mma.sync in the sm_80 PTX")
+    problems = [p for r in results for p in _problems(r)]
     summary = "\n".join(
-        f"{r['kernel']:<28} sm_{r['cap']} {r['op']:<6} M={r['M']:<5} K={r['K']:<5} {r['dtype_name']:<8} "
-        f"{json.dumps(r['tiles'])} w{r['num_warps']} s{r['num_stages']} regs={r['registers']} "
-        f"spill={r['spill_stores']}/{r['spill_loads']} smem={r['shared']} wgmma={r['wgmma']} cp.async={r['async_copy']}"
+        f"{r['kernel']:<13} sm_{r['cap']} M={r['M']:<5} K={r['K']:<5} {r['dtype_name']:<8} {json.dumps(r['config'])} "
+        f"regs={r['registers']} spill={r['spill_stores']}/{r['spill_loads']} smem={r['shared_bytes']} "
+        f"loop={r['loop_instructions']} ins/w={r['instructions_per_weight'] or 0:.2f} "
+        f"narrow/w={r['narrow_global_loads_per_weight'] or 0:.3f} 16B={r['global_loads_16B']} wgmma={r['wgmma']}"
         for r in results
     )
     print(summary)
@@ -229,3 +155,116 @@ def test_kernels_compile_for_sm80_and_sm90():
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------------- register lookup: bit-exactness
+def _run_ptx(asm: str, inputs: list, n_out: int) -> list:
+    """A tiny interpreter for the PTX of nf4_tile's register lookup (b32 logic, prmt, f32 mul, cvt, mov)."""
+    import struct
+
+    import torch
+
+    regs: dict = {}
+    ops = [f"${i}" for i in range(n_out)]
+    for i, v in enumerate(inputs):
+        regs[f"${n_out + i}"] = v & 0xFFFFFFFF
+    f2u = lambda f: struct.unpack("<I", struct.pack("<f", f))[0]  # noqa: E731
+    u2f = lambda u: struct.unpack("<f", struct.pack("<I", u))[0]  # noqa: E731
+
+    def val(tok):
+        tok = tok.strip()
+        if tok.startswith("0f"):
+            return int(tok[2:], 16)
+        if tok.startswith("0x"):
+            return int(tok, 16)
+        if tok[0].isdigit():
+            return int(tok)
+        return regs[tok]
+
+    def cvt16(f, kind):
+        t = torch.tensor([u2f(f)], dtype=torch.float32).to(torch.bfloat16 if kind == "bf16" else torch.float16)
+        return t.view(torch.int16).item() & 0xFFFF
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32":
+            dst, src = rest.split("},")
+            lo, hi = [d.strip() for d in dst.strip("{ ").split(",")]
+            v = val(src)
+            regs[lo], regs[hi] = v & 0xFFFF, v >> 16
+            continue
+        args = [a.strip() for a in rest.split(",")]
+        d, a = args[0], args[1:]
+        if op == "and.b32":
+            r = val(a[0]) & val(a[1])
+        elif op == "or.b32":
+            r = val(a[0]) | val(a[1])
+        elif op == "shr.u32":
+            r = val(a[0]) >> val(a[1])
+        elif op == "mul.rn.f32":
+            r = f2u(float(torch.tensor(u2f(val(a[0])), dtype=torch.float32) * torch.tensor(u2f(val(a[1])), dtype=torch.float32)))
+        elif op.startswith("cvt.rn."):
+            kind = "bf16" if "bf16" in op else "fp16"
+            r = cvt16(val(a[0]), kind) << 16 | cvt16(val(a[1]), kind)  # d = {a: high half, b: low half}
+        elif op == "prmt.b32":
+            src = val(a[0]) | val(a[1]) << 32
+            sel = val(a[2])
+            r = 0
+            for i in range(4):
+                s = (sel >> (4 * i)) & 0xF
+                byte = (src >> (8 * (s & 7))) & 0xFF
+                if s & 8:  # sign replicate
+                    byte = 0xFF if byte & 0x80 else 0
+                r |= byte << (8 * i)
+        else:
+            raise AssertionError(f"unknown PTX op {op}")
+        regs[d] = r & 0xFFFFFFFF
+    return [regs[o] for o in ops]
+
+
+def test_register_lookup_is_bit_exact():
+    """nf4_tile's PTX (table of the 16 products, then the PRMT lookup), run by the interpreter above, equals
+    the reference round(NF4[c] * scale) bit for bit: every code in every word position, zero blocks, the
+    largest and smallest scales, in bfloat16 and float16."""
+    import random
+    import struct
+
+    import torch
+
+    from qlora_kernels._format import NF4_TABLE
+    from qlora_kernels.triton_kernels import nf4_tile
+
+    assert [int(v[2:], 16) for v in nf4_tile._nf4_values()] == [v & 0xFFFFFFFF for v in NF4_TABLE.view(torch.int32).tolist()]
+    rng = random.Random(0)
+    scales = [0.0, 1.0, 0.0123, 3.4e38, 1e-45, 1.17e-38, 65504.0, 7e4, 2.5e-8] + [rng.uniform(0, 0.2) for _ in range(6)]
+    # each word holds 8 codes; these words put every code in every position (and random mixes)
+    words = [int(f"{c:x}" * 8, 16) for c in range(16)] + [0x0123_4567, 0x89AB_CDEF, 0xFEDC_BA98, 0x7654_3210]
+    words += [rng.getrandbits(32) for _ in range(24)]
+    f2u = lambda f: struct.unpack("<I", struct.pack("<f", f))[0]  # noqa: E731
+    for dtype, asm in ((torch.bfloat16, nf4_tile._TABLE_ASM_BF16.value), (torch.float16, nf4_tile._TABLE_ASM_FP16.value)):
+        for s in scales:
+            s32 = torch.tensor(s, dtype=torch.float32)
+            planes = _run_ptx(asm, [f2u(float(s32))], 8)
+            ref = (NF4_TABLE * s32).to(dtype).view(torch.int16).tolist()
+            for w in words:
+                got = _run_ptx(nf4_tile._LOOKUP_ASM.value, [w, *planes], 8)
+                byte = [(w >> (8 * j)) & 0xFF for j in range(4)]
+                codes = [c for b in byte for c in (b >> 4, b & 0xF)]  # memory order: high nibble first
+                want = [ref[c] & 0xFFFF for c in codes]
+                assert got == want, (dtype, s, hex(w), [hex(v) for v in got], [hex(v) for v in want])
+
+
+def test_dispatch_model_uses_the_committed_sass_report():
+    """dispatch.DEVICE_MODEL's fused efficiency is the sass_report model's figure in bench/results (until a GPU
+    measures it): regenerating the report without updating the dispatcher fails here."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench.sass_report import fused_eff_from
+    from qlora_kernels.triton_kernels.dispatch import DEVICE_MODEL
+
+    for cap in (90, 80):
+        records = json.loads((ROOT / "bench" / "results" / f"sass-sm{cap}.json").read_text())
+        assert abs(fused_eff_from(records, cap) - DEVICE_MODEL[cap // 10]["fused_eff"]) < 1e-3, cap

@@ -138,3 +138,49 @@ def test_empty_and_single_row():
     args = (*W.tensors(), 64, 96, 64)
     assert nf4_linear(torch.empty(0, 96, device="cuda", dtype=torch.bfloat16), *args).shape == (0, 64)
     assert nf4_linear_dx(torch.empty(0, 64, device="cuda", dtype=torch.bfloat16), *args).shape == (0, 96)
+
+
+# ------------------------------------------------------------------ register lookup: bit-exact on the device
+@pytest.mark.parametrize("dq", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_register_lookup_bit_exact(dq, dtype):
+    """The aligned fast path (PRMT lookup of per-row product tables) reproduces the reference dequantization
+    bit for bit: multiplying by identity matrices returns W itself (fp32 accumulation of one exact product).
+    The weight has every code, a zero block, and the largest and smallest scales of the dtype."""
+    from qlora_kernels.triton_kernels import nf4_decode, nf4_linear, nf4_linear_dx
+
+    N, K, bs = 256, 512, 64
+    g = torch.Generator(device="cpu").manual_seed(3)
+    w = torch.randn(N, K, generator=g)
+    w[0, :bs] = 0.0  # a zero block
+    big = 6e4 if dtype == torch.float16 else 1e36
+    w[1, :bs] *= big / w[1, :bs].abs().max()  # largest scale
+    w[2, :bs] *= 1e-6 if dtype == torch.float16 else 1e-36  # smallest scale (subnormal products)
+    w[3, :16] = torch.linspace(-1, 1, 16)  # every code in one block
+    W = qk.quantize_nf4(w.cuda().to(torch.float32), blocksize=bs, double_quant=dq)
+    p, a, n, o = W.tensors()
+    want = ref.dequantize_nf4_ref(p, a, n, o, N * K, bs, dtype).view(N, K)
+    args = (p, a, n, o, N, K, bs)
+    eye_k, eye_n = torch.eye(K, dtype=dtype, device="cuda"), torch.eye(N, dtype=dtype, device="cuda")
+    torch.testing.assert_close(nf4_linear(eye_k, *args), want.t(), rtol=0, atol=0)
+    torch.testing.assert_close(nf4_linear_dx(eye_n, *args), want, rtol=0, atol=0)
+    torch.testing.assert_close(nf4_decode(eye_k[:16], *args), want.t()[:16], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_weights_device():
+    """Weights and activations on cuda:1 while cuda:0 is current (device_map="auto" placement)."""
+    from qlora_kernels.triton_kernels import nf4_decode, nf4_linear, nf4_linear_dx
+
+    N, K, bs = 256, 512, 64
+    dev = torch.device("cuda:1")
+    w = torch.randn(N, K, generator=torch.Generator(device="cpu").manual_seed(4))
+    W = qk.quantize_nf4(w.to(dev), blocksize=bs, double_quant=True)
+    p, a, n, o = W.tensors()
+    want = ref.dequantize_nf4_ref(p, a, n, o, N * K, bs, torch.bfloat16).view(N, K)
+    args = (p, a, n, o, N, K, bs)
+    torch.cuda.set_device(0)
+    eye_k, eye_n = torch.eye(K, dtype=torch.bfloat16, device=dev), torch.eye(N, dtype=torch.bfloat16, device=dev)
+    torch.testing.assert_close(nf4_linear(eye_k, *args), want.t(), rtol=0, atol=0)
+    torch.testing.assert_close(nf4_linear_dx(eye_n, *args), want, rtol=0, atol=0)
+    torch.testing.assert_close(nf4_decode(eye_k[:16], *args), want.t()[:16], rtol=0, atol=0)

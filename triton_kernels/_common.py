@@ -3,6 +3,7 @@ and the LoRA + bias epilogue (a jit helper) that the forward, dx and decode kern
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -12,6 +13,20 @@ from torch import Tensor
 
 from .._backend import triton_interpreting
 from .._format import device_table
+
+def on_input_device(launcher):
+    """Run a launcher with its first argument's CUDA device current: Triton launches on the current device,
+    and weights placed on cuda:1 (device_map="auto") must not launch on cuda:0."""
+
+    @functools.wraps(launcher)
+    def guarded(x, *args, **kwargs):
+        if isinstance(x, Tensor) and x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return launcher(x, *args, **kwargs)
+        return launcher(x, *args, **kwargs)
+
+    return guarded
+
 
 def weight_flags(n_out: int, k_in: int, blocksize: int, nested_absmax: Optional[Tensor]) -> dict:
     """Constexprs that describe the weight layout (see nf4_tile)."""
@@ -30,6 +45,15 @@ def dtype_flags(dtype: torch.dtype) -> dict:
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=triton_interpreting() and dtype == torch.bfloat16,
     )
+
+
+def fast_flags(rows: int, k_in: int, blocksize: int, block_rows: int, block_k: int, dtype: torch.dtype) -> dict:
+    """FAST: the aligned fast path of the W tile (nf4_tile_fast): no masks on W (rows % block_rows == 0,
+    k_in % block_k == 0), whole blocks per tile row (block_k % blocksize == 0), 16-bit activations.
+    LUT_ASM: its register lookup in PTX; the interpreter runs the same path with a gather instead."""
+    fast = (dtype in (torch.float16, torch.bfloat16) and rows % block_rows == 0 and k_in % block_k == 0
+            and block_k % blocksize == 0)
+    return dict(FAST=fast, LUT_ASM=fast and not triton_interpreting())
 
 
 def r_pad(r: int) -> int:

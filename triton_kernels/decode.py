@@ -23,10 +23,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    activation, check_weight, dtype_flags, lora_bias_epilogue, lora_pair, r_pad, weight_args, weight_flags,
+    activation, check_weight, dtype_flags, fast_flags, lora_bias_epilogue, lora_pair, on_input_device, r_pad,
+    weight_args, weight_flags,
 )
 from .configs import LaunchConfig, pick_config
-from .nf4_tile import nf4_tile
+from .nf4_tile import nf4_tile, nf4_tile_fast
 
 
 @triton.jit
@@ -38,7 +39,7 @@ def _nf4_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, LUT_ASM: tl.constexpr,
 ):
     ACT: tl.constexpr = y_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -55,8 +56,12 @@ def _nf4_decode_kernel(
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
-            w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, N, K,
-                         BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED)
+            if FAST:
+                w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, K,
+                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM)
+            else:
+                w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, N, K,
+                             BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED)
             acc2 += w.to(ACT).to(tl.float32) * x.to(tl.float32)
             x_ptrs += BLOCK_K * stride_xk
         acc = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_N))
@@ -64,8 +69,12 @@ def _nf4_decode_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
-            w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, N, K,
-                         BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED)
+            if FAST:
+                w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, K,
+                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM)
+            else:
+                w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, N, K,
+                             BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED)
             if UPCAST:
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(ACT).to(tl.float32)), acc, input_precision="ieee")
             else:
@@ -108,6 +117,7 @@ def _nf4_decode_reduce_kernel(
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(ACT), mask=mask)
 
 
+@on_input_device
 def nf4_decode(
     x: Tensor,
     packed: Tensor,
@@ -157,6 +167,7 @@ def nf4_decode(
         M, N, K, r, float(scaling), k_per_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
         **weight_flags(N, K, blocksize, nested_absmax), **flags,
+        **fast_flags(N, K, blocksize, cfg.block_n, cfg.block_k, x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
     if split > 1:

@@ -14,8 +14,8 @@ Two decisions, both made on the host per call:
    (op, capability major, M bucket), then fitted to N, K and the blocksize.
 
 Crossover between "fused" and "dequant" (NOT MEASURED: no GPU was available when this was written; the
-numbers below are a roofline model, bench/bench_linear.py measures the real crossover and records it in
-its JSON under "crossover"; put measured values in MEASURED_CROSSOVER or DEVICE_MODEL["fused_eff"]):
+numbers below are a model, bench/bench_linear.py measures the real crossover and records it in its JSON
+under "crossover"; put measured values in MEASURED_CROSSOVER or DEVICE_MODEL["fused_eff"]):
 
     fused   = max(2 M N (K + r) / (eta P),  (N K * 4.127/8 + 2 (M K + M N + M r + N r)) / BW)
     dequant = (N K * 4.127/8 + 2 N K) / BW                      dequantize: read 4-bit, write 16-bit W
@@ -25,14 +25,17 @@ its JSON under "crossover"; put measured values in MEASURED_CROSSOVER or DEVICE_
     P, BW = measured bf16 matmul rate and device copy bandwidth; eta = the fused kernel's fraction of cuBLAS
     throughput on compute-bound shapes (its W tiles are dequantized on the CUDA cores between wgmma issues).
 
-The dequant path pays a fixed ~(N K * 2.5 bytes) / BW plus launches, and per row of x the LoRA re-read and
-rewrite of y (4 N bytes / BW); the fused path pays (1/eta - 1) * 2 N K / P per row. With H200 numbers
-(P = 788 TFLOP/s, BW = 4.3 TB/s, both measured on this workplace's H200; eta = 0.85 ASSUMED) `crossover_m`
-gives, for N = K = 4096: M* = 1573 (r = 0), 3558 (r = 16), 3128 (r = 64); 8192 x 8192, r = 16: 1899;
-14336 x 4096, r = 16: 2820. So M <= 16 -> decode, M = 512 -> fused, M = 4096 and 16384 -> dequant + cuBLAS.
-The model is knife-edged near M*: at 4096 x 4096 x 4096 it predicts 206 us fused vs 204 us dequant, so the
-choice there costs little either way, but it flips to "fused" if the kernel reaches eta >= 0.86. Measured
-crossovers go into MEASURED_CROSSOVER, which takes precedence over the model.
+eta comes from bench/sass_report.py's static model of the compiled kernels (the forward's main loop counted
+in its SASS: instructions issued per dequantized weight against the tensor-core time, overlapped only when
+two CTAs share an SM): its roofline fraction of the forward at M = N = K = 4096, bf16, double quant
+(bench/results/sass-sm90.json: 0.703 with 7.4 instructions per weight; today's kernels before the register
+lookup: 0.404 at 15.4). That model is an optimistic bound (one instruction per scheduler per clock, no
+stalls). With P = 788 TFLOP/s and BW = 4.3 TB/s (both measured on this workplace's H200) and eta = 0.703,
+`crossover_m` gives for N = K = 4096: M* = 657 (r = 0), 961 (r = 16), 924 (r = 64); 8192 x 8192, r = 16:
+669; 14336 x 4096, r = 16: 763. So M <= 16 -> decode, M = 512 -> fused, M >= 1024 -> dequant + cuBLAS.
+(With the old assumed eta = 0.85 M* was 3558 at 4096 x 4096, r = 16, which sent M = 512 to a fused
+kernel the same model now puts at 0.40 of cuBLAS.) Measured crossovers go into MEASURED_CROSSOVER, which
+takes precedence over the model.
 """
 
 from __future__ import annotations
@@ -55,10 +58,11 @@ from .linear_fwd import nf4_linear
 
 # Roofline constants for the crossover model (see module docstring). peak/copy for sm_90: measured on an
 # H200 of this workplace (bf16 8192^3 matmul 788 TFLOP/s, device copy 4.3 TB/s read+write); sm_80: A100
-# datasheet x 0.9 (unmeasured). fused_eff: assumed, not measured.
+# datasheet x 0.9 (unmeasured). fused_eff: bench/sass_report.py's model (not measured), i.e. the roofline
+# fraction of the forward at 4096^3 in bench/results/sass-sm90.json / sass-sm80.json.
 DEVICE_MODEL = {
-    9: dict(peak_tflops=788.0, copy_gbs=4300.0, fused_eff=0.85, launch_us=2.0),
-    8: dict(peak_tflops=280.0, copy_gbs=1800.0, fused_eff=0.80, launch_us=3.0),
+    9: dict(peak_tflops=788.0, copy_gbs=4300.0, fused_eff=0.703, launch_us=2.0),
+    8: dict(peak_tflops=280.0, copy_gbs=1800.0, fused_eff=0.905, launch_us=3.0),
 }
 # Measured crossovers (from bench/results/linear-*.json "crossover"): (capability, op, N, K) -> the first M at
 # which dequant + cuBLAS beats the fused kernel. Consulted before the model. Empty: nothing measured yet.
@@ -172,6 +176,7 @@ def describe(N: int = 4096, K: int = 4096, r: int = 16, cap: int = 9) -> dict:
         "crossover_m": crossover_m(N, K, r, cap),
         "predicted_us": {M: {p: 1e6 * predict_seconds(p, M, N, K, r, cap) for p in ("fused", "dequant")} for M in ms},
         "model": DEVICE_MODEL.get(cap, DEVICE_MODEL[8]),
+        "fused_eff_source": "bench/sass_report.py static model (bench/results/sass-sm*.json)",
         "measured": False,
     }
 

@@ -14,10 +14,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    activation, check_weight, dtype_flags, lora_bias_epilogue, lora_pair, r_pad, weight_args, weight_flags,
+    activation, check_weight, dtype_flags, fast_flags, lora_bias_epilogue, lora_pair, on_input_device, r_pad,
+    weight_args, weight_flags,
 )
 from .configs import LaunchConfig, pick_config
-from .nf4_tile import nf4_tile
+from .nf4_tile import nf4_tile, nf4_tile_fast
 
 
 @triton.jit
@@ -29,7 +30,7 @@ def _nf4_linear_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, LUT_ASM: tl.constexpr,
 ):
     ACT: tl.constexpr = dx_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -51,8 +52,12 @@ def _nf4_linear_dx_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & ((n0 + rn) < N)[None, :], other=0.0)
-        w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, n0 + rn, k0, N, K,
-                     BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED)
+        if FAST:
+            w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, n0 + rn, k0, K,
+                              BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM)
+        else:
+            w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, n0 + rn, k0, N, K,
+                         BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED)
         if UPCAST:
             acc = tl.dot(dy.to(tl.float32), w.to(ACT).to(tl.float32), acc, input_precision="ieee")
         else:
@@ -67,6 +72,7 @@ def _nf4_linear_dx_kernel(
     tl.store(dx_ptrs, acc.to(ACT), mask=m_ok[:, None] & (rk < K)[None, :])
 
 
+@on_input_device
 def nf4_linear_dx(
     dy: Tensor,
     packed: Tensor,
@@ -108,7 +114,7 @@ def nf4_linear_dx(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         **weight_flags(N, K, blocksize, nested_absmax),
         R_PAD=rp, R_CHUNK=min(rp, cfg.r_chunk), HAS_LORA=lora_g is not None,
-        **dtype_flags(dy.dtype),
+        **dtype_flags(dy.dtype), **fast_flags(N, K, blocksize, cfg.block_n, cfg.block_k, dy.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
     return dx

@@ -14,10 +14,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    activation, check_weight, dtype_flags, lora_bias_epilogue, lora_pair, r_pad, weight_args, weight_flags,
+    activation, check_weight, dtype_flags, fast_flags, lora_bias_epilogue, lora_pair, on_input_device, r_pad,
+    weight_args, weight_flags,
 )
 from .configs import LaunchConfig, pick_config
-from .nf4_tile import nf4_tile
+from .nf4_tile import nf4_tile, nf4_tile_fast
 
 
 @triton.jit
@@ -29,7 +30,7 @@ def _nf4_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, LUT_ASM: tl.constexpr,
 ):
     ACT: tl.constexpr = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -49,9 +50,14 @@ def _nf4_linear_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
-        w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, N, K,
-                     BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED)
+        if FAST:  # N % BLOCK_N == 0, K % BLOCK_K == 0, BLOCK_K == BLOCKSIZE: no W masks, register lookup
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, K,
+                              BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM)
+        else:
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+            w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, N, K,
+                         BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED)
         if UPCAST:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(ACT).to(tl.float32)), acc, input_precision="ieee")
         else:
@@ -65,6 +71,7 @@ def _nf4_linear_kernel(
     tl.store(y_ptrs, acc.to(ACT), mask=m_ok[:, None] & (rn < N)[None, :])
 
 
+@on_input_device
 def nf4_linear(
     x: Tensor,
     packed: Tensor,
@@ -111,7 +118,7 @@ def nf4_linear(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         **weight_flags(N, K, blocksize, nested_absmax),
         R_PAD=rp, R_CHUNK=min(rp, cfg.r_chunk), HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None,
-        **dtype_flags(x.dtype),
+        **dtype_flags(x.dtype), **fast_flags(N, K, blocksize, cfg.block_n, cfg.block_k, x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
     return y

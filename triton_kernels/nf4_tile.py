@@ -88,3 +88,126 @@ def nf4_tile(
         scale = tl.reshape(tl.broadcast_to(sg[:, :, None], (BLOCK_R, G, BLOCKSIZE)), (BLOCK_R, BLOCK_K))
         w = q * scale
     return w
+
+
+# ------------------------------------------------------------------------------------ register lookup (fast path)
+# On the aligned fast path (no masks, BLOCK_K == BLOCKSIZE: one scale per tile row) each tile row first gets
+# its table of the 16 products T[c] = round(NF4[c] * scale) in the activation dtype (float32 multiply,
+# one rounding: bit-identical to the reference), held in 8 registers as byte planes (low / high byte of
+# each 16-bit value) in halves of 4 codes. A packed int32 word (8 codes) is then looked up with byte
+# permutes: PRMT picks 4 bytes of a 2-register half by the 3 low bits of 4 codes, a third PRMT picks the
+# half by bit 3, and two more interleave the planes into 16-bit values. No memory access per weight.
+def _nf4_values() -> list:
+    # the format's table (_format.NF4_TABLE), as float32 bit patterns; literal so this module imports alone
+    bits = (0xBF800000, 0xBF3239B1, 0xBF066B30, 0xBECA32A0, 0xBE91A24D, 0xBE3D353F, 0xBDBA7871, 0x00000000,
+            0x3DA2FAFF, 0x3E24CAE3, 0x3E7C04DD, 0x3EAD033A, 0x3EE1A4B8, 0x3F1007AB, 0x3F3913B3, 0x3F800000)
+    return ["0f%08X" % b for b in bits]
+
+
+def table_asm(cvt: str) -> str:
+    """$0..$3: low-byte planes of T[0..3], T[4..7], T[8..11], T[12..15]; $4..$7: high-byte planes; $8: scale."""
+    v = _nf4_values()
+    lines = ["{", ".reg .f32 p<16>;", ".reg .b32 t<8>;"]
+    lines += [f"mul.rn.f32 p{c}, $8, {v[c]};" for c in range(16)]
+    lines += [f"{cvt} t{i}, p{2 * i + 1}, p{2 * i};" for i in range(8)]  # t_i = T[2i] | T[2i+1] << 16
+    lines += [f"prmt.b32 ${q}, t{2 * q}, t{2 * q + 1}, 0x6420;" for q in range(4)]
+    lines += [f"prmt.b32 ${4 + q}, t{2 * q}, t{2 * q + 1}, 0x7531;" for q in range(4)]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def lookup_asm() -> str:
+    """$0..$7 (16-bit): T[code] of the 8 codes of word $8 in memory order; $9..$16: the table planes.
+
+    Memory order: byte j of the word holds codes 2j (high nibble) and 2j + 1 (low nibble). With the 16 low
+    bits of (word & 0x7777) as selector, PRMT output byte i comes from nibble i: lo b0, hi b0, lo b1, hi b1.
+    """
+    lines = ["{", ".reg .b32 w, s, t, l0, l1, l, h0, h1, h, a, b;"]
+    for g, src in ((0, "$8"), (1, "w")):
+        if g == 1:
+            lines.append("shr.u32 w, $8, 16;")
+        lines += [
+            f"and.b32 s, {src}, 0x7777;",                   # 3-bit byte index per code
+            f"shr.u32 t, {src}, 1;",
+            "and.b32 t, t, 0x4444;",                       # bit 3 of each code -> +4: the second half
+            "or.b32 t, t, 0x3210;",
+            "prmt.b32 l0, $9, $10, s;", "prmt.b32 l1, $11, $12, s;", "prmt.b32 l, l0, l1, t;",
+            "prmt.b32 h0, $13, $14, s;", "prmt.b32 h1, $15, $16, s;", "prmt.b32 h, h0, h1, t;",
+            "prmt.b32 a, l, h, 0x4051;",                   # codes 4g + 0, 1 (hi b, lo b of byte 2g)
+            "prmt.b32 b, l, h, 0x6273;",                   # codes 4g + 2, 3
+            f"mov.b32 {{${4 * g}, ${4 * g + 1}}}, a;",
+            f"mov.b32 {{${4 * g + 2}, ${4 * g + 3}}}, b;",
+        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_TABLE_ASM_BF16 = tl.constexpr(table_asm("cvt.rn.bf16x2.f32"))
+_TABLE_ASM_FP16 = tl.constexpr(table_asm("cvt.rn.f16x2.f32"))
+_LOOKUP_ASM = tl.constexpr(lookup_asm())
+
+
+@triton.jit
+def _interleave8(t0, t1, t2, t3, t4, t5, t6, t7):
+    """[..., W] x 8 -> [..., 8 W]: position 8 j + p holds t_p[j] (joins in the minor dimension)."""
+    v = tl.join(tl.join(tl.join(t0, t4), tl.join(t2, t6)), tl.join(tl.join(t1, t5), tl.join(t3, t7)))
+    return v
+
+
+@triton.jit
+def nf4_tile_fast(
+    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr,
+    rows, k0, K,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, ACT: tl.constexpr, LUT_ASM: tl.constexpr,
+):
+    """W[rows, k0:k0 + BLOCK_K] in ACT (float16 / bfloat16), on the aligned fast path only:
+    every row < N, K % BLOCK_K == 0, BLOCK_K a multiple of BLOCKSIZE, k0 a multiple of BLOCK_K (no masks).
+
+    The packed bytes load as int32 words (8 codes each; 16-byte vector loads, which Triton can pipeline);
+    LUT_ASM: the register lookup above (PTX); else the same values computed by the reference's gather (the
+    interpreter runs this path).
+    """
+    tl.static_assert(BLOCK_K % BLOCKSIZE == 0, "the fast path needs BLOCK_K a multiple of BLOCKSIZE")
+    G: tl.constexpr = BLOCK_K // BLOCKSIZE  # blocks per tile row (1 at the default configs)
+    WB: tl.constexpr = BLOCKSIZE // 8  # int32 words per block
+    rows64 = rows.to(tl.int64)
+    g = tl.arange(0, G)
+    b = ((rows64 * K + k0) // BLOCKSIZE)[:, None] + g[None, :]  # [R, G]: the tile row's blocks
+    scale = _nf4_scale(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, b, b >= 0, DOUBLE_QUANT)
+    word_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
+    first = tl.multiple_of(b * WB, [4, 4])  # K % 32 == 0: every block starts on a 16-byte boundary
+    words = tl.load(word_ptr + first[:, :, None] + tl.arange(0, WB)[None, None, :])  # [R, G, WB]
+    if LUT_ASM:
+        if ACT == tl.bfloat16:
+            planes = tl.inline_asm_elementwise(_TABLE_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [scale],
+                                               dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+            p0, p1, p2, p3, p4, p5, p6, p7 = planes
+            t0, t1, t2, t3, t4, t5, t6, t7 = tl.inline_asm_elementwise(
+                _LOOKUP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+                [words, p0[:, :, None], p1[:, :, None], p2[:, :, None], p3[:, :, None],
+                 p4[:, :, None], p5[:, :, None], p6[:, :, None], p7[:, :, None]],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            planes = tl.inline_asm_elementwise(_TABLE_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [scale],
+                                               dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+            p0, p1, p2, p3, p4, p5, p6, p7 = planes
+            t0, t1, t2, t3, t4, t5, t6, t7 = tl.inline_asm_elementwise(
+                _LOOKUP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+                [words, p0[:, :, None], p1[:, :, None], p2[:, :, None], p3[:, :, None],
+                 p4[:, :, None], p5[:, :, None], p6[:, :, None], p7[:, :, None]],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        w = tl.reshape(_interleave8(t0, t1, t2, t3, t4, t5, t6, t7), (BLOCK_R, BLOCK_K))
+    else:
+        # byte j = code 2j << 4 | code 2j+1; the word is little-endian: byte j at bits 8j
+        c0 = (words >> 4) & 0xF
+        c1 = words & 0xF
+        c2 = (words >> 12) & 0xF
+        c3 = (words >> 8) & 0xF
+        c4 = (words >> 20) & 0xF
+        c5 = (words >> 16) & 0xF
+        c6 = (words >> 28) & 0xF
+        c7 = (words >> 24) & 0xF
+        codes = tl.reshape(_interleave8(c0, c1, c2, c3, c4, c5, c6, c7), (BLOCK_R, G, BLOCKSIZE))
+        w = tl.reshape((tl.load(nf4_ptr + codes) * scale[:, :, None]).to(ACT), (BLOCK_R, BLOCK_K))
+    return w
