@@ -206,9 +206,8 @@ def _check_target(name: str, module: nn.Module) -> None:
     w = module.weight
     if w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}.weight must be float32, float16 or bfloat16 to quantize, got {w.dtype}")
-    if w.device.type == "meta":
-        raise ValueError(f"{name}.weight is on the meta device (no values to quantize): load the weights first")
-    if not bool(torch.isfinite(w).all()):
+    # a meta weight (meta init, filled later by distributed.load_from_rank0) has no values to check
+    if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
         raise ValueError(f"{name}.weight has non-finite values (NaN or inf): NF4 cannot represent them")
 
 
