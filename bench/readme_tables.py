@@ -59,7 +59,8 @@ def quant_section(data: dict) -> list[str]:
     cases = list(dict.fromkeys(r["case"] for r in rows))
     find = lambda case, impl: next((r for r in rows if r["case"] == case and r["impl"] == impl), None)  # noqa: E731
     out = [
-        f"`python -m bench.bench_quant --shapes {','.join(c.split()[0] for c in cases)}` (bf16 weight, blocksize 64, "
+        f"`python -m bench.bench_quant --shapes {','.join(c.split()[0] for c in cases)} --reps {meta['reps']} "
+        f"--warmup {meta['warmup']}` (bf16 weight, blocksize 64, "
         f"double quantization; every implementation: {meta['warmup']} warm-up calls and {meta['reps']} timed calls, "
         "taking turns). Machine: " + machine(meta) + ".",
         "",
@@ -106,7 +107,9 @@ def layer_section(data: dict) -> list[str]:
     cases = list(dict.fromkeys(r["case"] for r in rows))
     find = lambda case, impl: next((r for r in rows if r["case"] == case and r["impl"] == impl), None)  # noqa: E731
     out = [
-        "`python bench/bench_layer.py` (one layer's forward + backward, x requiring grad; and a 4-layer "
+        f"`python bench/bench_layer.py --reps {meta.get('layer_reps')} --dtypes "
+        f"{','.join(dict.fromkeys(r['dtype'].replace('torch.', '') for r in rows))}` "
+        "(one layer's forward + backward, x requiring grad; and a 4-layer "
         "Llama-style model's training step, forward + backward + AdamW; every implementation: "
         f"{meta.get('warmup')} warm-up steps and {meta.get('layer_reps')} (layer) / {meta.get('model_reps')} "
         "(model) timed steps, taking turns; saved = bytes saved for backward). Machine: " + machine(meta) + ".",
