@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -265,6 +266,7 @@ def device_meta(device) -> dict:
         "cpu_threads": torch.get_num_threads(),
         **cpu_simd(),
         "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "command": " ".join(sys.argv),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,

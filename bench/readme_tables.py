@@ -27,22 +27,24 @@ SECTIONS = {
 END = "<!-- end of generated section -->"
 
 
-def ms(v: float) -> str:
-    return f"{v:.3g} ms" if v < 100 else f"{v:.0f} ms"
+def num(v: float) -> str:
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
 
 
 def spread(r: dict) -> str:
-    return f"{ms(r['median_ms'])} ({r['p20_ms']:.3g}-{r['p80_ms']:.3g})"
+    return f"{num(r['median_ms'])} ms ({num(r['p20_ms'])}-{num(r['p80_ms'])})"
 
 
-def verdict(r: dict) -> str:
-    """'23.8x slower than ours' style text for a baseline row (speedup = its time / ours)."""
+def verdict(r: dict, who: str) -> str:
+    """A row's speedup (speedup = the baseline's median / the row's) in words: who is faster, or "within noise"."""
     v = r.get("speedup_verdict")
-    if v is None:
+    if v in (None, "baseline"):
         return ""
+    x = r["speedup"] if r["speedup"] >= 1 else 1 / r["speedup"]
+    x = f"{x:.2f}x" if x < 10 else f"{x:.1f}x"
     if v == "within noise":
-        return f"{r['speedup']:.2f}x, within noise"
-    return f"{r['speedup']:.2f}x"
+        return f"{x} apart, within noise"
+    return f"{who}{x} {'faster' if r['speedup'] >= 1 else 'slower'}"
 
 
 def machine(meta: dict) -> str:
@@ -57,11 +59,12 @@ def quant_section(data: dict) -> list[str]:
     cases = list(dict.fromkeys(r["case"] for r in rows))
     find = lambda case, impl: next((r for r in rows if r["case"] == case and r["impl"] == impl), None)  # noqa: E731
     out = [
-        f"`python -m bench.bench_quant --shapes {','.join(c.split()[0] for c in cases)}` (bf16 weight, blocksize 64, "
+        f"`python -m bench.bench_quant --shapes {','.join(c.split()[0] for c in cases)} --reps {meta['reps']} "
+        f"--warmup {meta['warmup']}` (bf16 weight, blocksize 64, "
         f"double quantization; every implementation: {meta['warmup']} warm-up calls and {meta['reps']} timed calls, "
         "taking turns). Machine: " + machine(meta) + ".",
         "",
-        "Cells: median (p20-p80) ms; for the others, their median over ours (\"within noise\" when the p20-p80 "
+        "Cells: median (p20-p80) ms; for the others, how much faster ours is (\"within noise\" when the p20-p80 "
         "ranges overlap).",
         "",
         "| op | shape | qlora_kernels | bitsandbytes | torchao | PyTorch reference |",
@@ -75,7 +78,7 @@ def quant_section(data: dict) -> list[str]:
             cells = [f"**{spread(ours)}**"]
             for impl in ("bitsandbytes", "torchao", "reference"):
                 r = find(case, f"{op}:{impl}")
-                cells.append(f"{spread(r)}: {verdict(r)}" if r else "not run")
+                cells.append(f"{spread(r)}; {verdict(r, 'ours ')}" if r else "not run")
             name = "quantize + double quant" if op == "quantize" else "dequantize (fresh output)"
             out.append(f"| {name} | {case.split()[0]} | " + " | ".join(cells) + " |")
     out.append("")
@@ -84,10 +87,11 @@ def quant_section(data: dict) -> list[str]:
         floor = meta["copy_floor"][case]
         if reused is None:
             continue
-        line = (f"- {case.split()[0]}: dequantize into a reused buffer {spread(reused)}, {reused['GB/s']:.1f} GB/s, "
+        line = (f"- {case.split()[0]}: dequantize into a reused buffer {spread(reused)}, {reused['GB/s']:.1f} GB/s "
+                "(bytes read + written), "
                 f"{reused['x_floor']:.2f}x its copy floor. The floor: the best of {floor['trials']} copies of the same "
                 f"{floor['bytes'] / 2**20:.1f} MiB at {floor['threads']} threads in the same run, "
-                f"{floor['GBps']:.1f} GB/s (its trials spread {floor['best_ms']:.3g}-{floor['p80_ms']:.3g} ms, best "
+                f"{floor['GBps']:.1f} GB/s (its trials spread {num(floor['best_ms'])}-{num(floor['p80_ms'])} ms, best "
                 f"to p80). A bf16 clone of the weight (fresh output) took {spread(clone)}.")
         if "beats_floor" in reused:
             line += f" **Below the floor**, flagged by the bench: {reused['beats_floor']}."
@@ -103,13 +107,15 @@ def layer_section(data: dict) -> list[str]:
     cases = list(dict.fromkeys(r["case"] for r in rows))
     find = lambda case, impl: next((r for r in rows if r["case"] == case and r["impl"] == impl), None)  # noqa: E731
     out = [
-        "`python bench/bench_layer.py` (one layer's forward + backward, W 4096x4096, M = 512, r = 16; and a "
-        "4-layer Llama-style model's training step; every implementation: "
-        f"{meta.get('warmup', 2)} warm-up steps and {meta.get('layer_reps')} (layer) / {meta.get('model_reps')} "
+        f"`python bench/bench_layer.py --reps {meta.get('layer_reps')} --dtypes "
+        f"{','.join(dict.fromkeys(r['dtype'].replace('torch.', '') for r in rows))}` "
+        "(one layer's forward + backward, x requiring grad; and a 4-layer "
+        "Llama-style model's training step, forward + backward + AdamW; every implementation: "
+        f"{meta.get('warmup')} warm-up steps and {meta.get('layer_reps')} (layer) / {meta.get('model_reps')} "
         "(model) timed steps, taking turns; saved = bytes saved for backward). Machine: " + machine(meta) + ".",
         "",
-        "Cells: median (p20-p80) ms; the speedup is bitsandbytes + PEFT's median over that row's (\"within noise\" "
-        "when the p20-p80 ranges overlap).",
+        "Cells: median (p20-p80) ms, and how it compares with bitsandbytes + PEFT (\"within noise\" when the "
+        "p20-p80 ranges overlap).",
         "",
         "| case | qlora_kernels | bitsandbytes + PEFT | PEFT LoRA on a dense base |",
         "|---|---|---|---|",
@@ -125,9 +131,9 @@ def layer_section(data: dict) -> list[str]:
             if impl == "qlora_kernels":
                 text = f"**{text}**"
             if r.get("speedup_verdict") not in (None, "baseline"):
-                text += f", {verdict(r)}"
+                text += f"; {verdict(r, '')}"
             if r.get("saved_bytes") is not None and case.startswith("layer"):
-                text += f", saved {r['saved_bytes'] / 1e6:.1f} MB"
+                text += f"; saved {r['saved_bytes'] / 1e6:.1f} MB"
             cells.append(text)
         out.append(f"| {case} | " + " | ".join(cells) + " |")
     return out
