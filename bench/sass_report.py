@@ -48,8 +48,10 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for real targets (must precede any triton import)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
+if __name__ == "__main__":  # compile for real targets (must precede any triton import). Only as a script:
+    # a process that imports this module as a library (the test suite, under the interpreter) keeps its env.
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = {80: 166912, 90: 232448}

@@ -131,11 +131,13 @@ def test_options_and_report(ckpts):
     assert sorted(layers) == sorted(report.replaced) and len(layers) == 4
     for layer in layers.values():
         assert layer.r == 2 and layer.scaling == 4 and layer.blocksize == 128 and not layer.weight.double_quant
-        assert layer.lora_A.weight.dtype == torch.bfloat16
+        assert layer.lora_A.weight.dtype == torch.float32  # float32 masters by default, as prepare_model
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert report.bytes_after == model_memory(model)
     with torch.no_grad():
         assert model(tokens()).logits.dtype == torch.bfloat16
+    same = load(ckpts["plain"], target_modules=["q_proj"], compute_dtype=torch.bfloat16, adapter_dtype=None)
+    assert all(m.lora_B.weight.dtype == torch.bfloat16 for m in qlora_modules(same).values())
 
 
 # ----------------------------------------------------------------------------------- bitsandbytes checkpoints

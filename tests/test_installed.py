@@ -7,6 +7,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 import qlora_kernels as qk
 from build_state import BUILD_INFO, built_native_files, native_or_skip
@@ -19,7 +20,8 @@ def test_built_native_extension_is_live():
     assert info["cuda"] == C.has_cuda() and info["version"] == C.build_info()["version"]
     live = qk.backend_info()
     assert live["native_cpu"], "the package fell back to the reference kernels although _C imports"
-    assert live["native_cuda"] == bool(info["cuda"])
+    assert live["native_cuda_compiled"] == bool(info["cuda"])
+    assert live["native_cuda"] == (bool(info["cuda"]) and torch.cuda.is_available())
     assert C.cpu_isa() in C.cpu_isas_supported()
 
 

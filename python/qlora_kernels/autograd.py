@@ -59,8 +59,11 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     forward(ctx, x, packed, absmax, nested_absmax, offset, lora_A, lora_B, bias,
             out_features, in_features, blocksize, scaling, dropout_p)
-    x: 2-D [M, K] with unit last stride; lora_A [r, K], lora_B [N, r], bias [N] or None, all of x's dtype and
-    device (checked by `qlora_linear`). dropout_p > 0 means dropout is active (the caller passes 0 in eval).
+    x: 2-D [M, K] with unit last stride; lora_A [r, K], lora_B [N, r] on x's device in any float dtype (float32
+    masters on a bf16 model: cast to x's dtype inside, per call, and never kept: ctx holds the parameters
+    themselves, so neither a checkpointed nor a plain step keeps a second copy of every adapter alive);
+    bias [N] or None in x's dtype (checked by `qlora_linear`). dropout_p > 0 means dropout is active (the
+    caller passes 0 in eval).
     Gradients: x, lora_A, lora_B, bias, each only when ctx.needs_input_grad asks; never the NF4 tensors.
     """
 
@@ -76,9 +79,9 @@ class QLoRALinearFunction(torch.autograd.Function):
                 keep_bits = _pack_mask(keep)
         else:
             xd = x
-        u = xd @ lora_A.t()
+        u = xd @ lora_A.to(x.dtype).t()
         y = _ops.nf4_linear(x, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize,
-                            u, lora_B, scaling, bias)
+                            u, lora_B.to(x.dtype), scaling, bias)
         ctx.save_for_backward(xd if need_a else None, u if need_b else None, keep_bits)
         ctx.weight_handles = (packed, absmax, nested_absmax, offset)
         ctx.lora = (lora_A, lora_B)
@@ -89,7 +92,8 @@ class QLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         xd, u, keep_bits = ctx.saved_tensors
         packed, absmax, nested_absmax, offset = ctx.weight_handles
-        lora_A, lora_B = ctx.lora
+        master_A, master_B = ctx.lora
+        lora_A, lora_B = master_A.to(dy.dtype), master_B.to(dy.dtype)  # the compute-dtype copies, again
         out_features, in_features, blocksize, scaling, dropout_p, x_shape = ctx.meta
         need_x, need_a, need_b, need_bias = (ctx.needs_input_grad[i] for i in (0, 5, 6, 7))
         dx = d_a = d_b = d_bias = None
@@ -97,9 +101,9 @@ class QLoRALinearFunction(torch.autograd.Function):
             dy = dy.contiguous()
         g = dy @ lora_B if (need_x or need_a) else None  # [M, r]
         if need_b:
-            d_b = (dy.t() @ u).mul_(scaling)
+            d_b = (dy.t() @ u).mul_(scaling).to(master_B.dtype)
         if need_a:
-            d_a = (g.t() @ xd).mul_(scaling)
+            d_a = (g.t() @ xd).mul_(scaling).to(master_A.dtype)
         if need_x:
             if dropout_p > 0.0:
                 dx = _ops.nf4_linear_dx(dy, packed, absmax, nested_absmax, offset, out_features, in_features,
@@ -168,7 +172,7 @@ def _qlora_linear(x, packed, absmax, nested_absmax, offset, weight_shape, blocks
     if torch.is_autocast_enabled(device_type) and x.is_floating_point():
         # Autocast: every floating input runs in the autocast dtype, as nn.Linear would.
         cdt = torch.get_autocast_dtype(device_type)
-        x, lora_A, lora_B = x.to(cdt), lora_A.to(cdt), lora_B.to(cdt)
+        x = x.to(cdt)  # the adapters are cast inside the Function (not kept alive between forward and backward)
         bias = None if bias is None else bias.to(cdt)
     else:
         if x.dtype not in _ACT_DTYPES:
@@ -176,9 +180,8 @@ def _qlora_linear(x, packed, absmax, nested_absmax, offset, weight_shape, blocks
         for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
             if t is not None and t.dtype not in _ACT_DTYPES:
                 raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-        # Float32 master adapters on a half-precision model: compute in x's dtype; the cast's backward
-        # hands float32 gradients to the float32 parameters, so small updates are not rounded away.
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        # Float32 master adapters on a half-precision model: the Function computes in x's dtype and hands
+        # float32 gradients back, so small updates are not rounded away.
         bias = None if bias is None else bias.to(x.dtype)
     if x.dtype not in _ACT_DTYPES:
         raise TypeError(f"autocast dtype must be float32, float16 or bfloat16, got {x.dtype}")
