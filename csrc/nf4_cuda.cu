@@ -12,18 +12,12 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_launch.h"
 #include "nf4_format.h"
 #include "nf4_kernels.h"
 
 namespace qk {
 namespace {
-
-void check_launch(const char* what) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("qlora_kernels: CUDA error in ") + what + ": " + cudaGetErrorName(e) + ": " +
-                             cudaGetErrorString(e));
-}
 
 inline bool aligned16(uintptr_t p) { return (p & 15u) == 0; }
 inline int log2i(int64_t v) {
@@ -31,7 +25,6 @@ inline int log2i(int64_t v) {
   while ((int64_t(1) << r) < v) ++r;
   return r;
 }
-inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 __device__ __forceinline__ uint32_t warp_max(uint32_t v, int lanes) {
   for (int off = 1; off < lanes; off <<= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, off));

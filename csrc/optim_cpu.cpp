@@ -363,37 +363,58 @@ void check_hyper(double lr, double beta1, double beta2, double eps, double weigh
     throw std::invalid_argument("weight_decay must be a finite number >= 0, got " + std::to_string(weight_decay));
 }
 
-}  // namespace
-
-void check_optim_args(int64_t n, int64_t dtype, double lr, double beta1, double beta2, double eps, double wd) {
+void check_optim_args(int64_t n, int64_t dtype, double lr, double beta1, double beta2, double eps, double wd,
+                      uintptr_t step, uintptr_t skipped, uintptr_t flag, uintptr_t param, uintptr_t grad) {
   check_n(n);
   check_dtype(dtype, "dtype");
   check_hyper(lr, beta1, beta2, eps, wd);
+  check_ptr(step, 1, "step");
+  check_ptr(skipped, 1, "skipped");
+  check_ptr(flag, 1, "flag");
+  check_ptr(param, n, "param");
+  check_ptr(grad, n, "grad");
+}
+
+// A gradient holding NaN, inf or |g| >= 2^63 skips the whole step for this tensor: count it and say so.
+bool skip_rejected_grad(uintptr_t grad, int64_t n, int64_t dtype, uintptr_t skipped, int64_t num_threads, int isa) {
+  bool rejected = false;
+  by_dtype(dtype, [&](auto dt) {
+    rejected = grad_rejected_any<decltype(dt)::value>(reinterpret_cast<const void*>(grad), n, num_threads, isa);
+  });
+  if (rejected) *reinterpret_cast<int64_t*>(skipped) += 1;
+  return rejected;
+}
+
+}  // namespace
+
+void check_adamw8bit_args(uintptr_t param, uintptr_t grad, uintptr_t state1, uintptr_t state2, uintptr_t absmax1,
+                          uintptr_t absmax2, uintptr_t step, uintptr_t skipped, uintptr_t flag, uintptr_t table,
+                          int64_t n, int64_t dtype, double lr, double beta1, double beta2, double eps, double wd) {
+  check_optim_args(n, dtype, lr, beta1, beta2, eps, wd, step, skipped, flag, param, grad);
+  check_ptr(state1, n, "state1");
+  check_ptr(state2, n, "state2");
+  check_ptr(absmax1, n, "absmax1");
+  check_ptr(absmax2, n, "absmax2");
+  check_ptr(table, n, "table");
+}
+
+void check_adamw32bit_args(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t step,
+                           uintptr_t skipped, uintptr_t flag, int64_t n, int64_t dtype, double lr, double beta1,
+                           double beta2, double eps, double wd) {
+  check_optim_args(n, dtype, lr, beta1, beta2, eps, wd, step, skipped, flag, param, grad);
+  check_ptr(exp_avg, n, "exp_avg");
+  check_ptr(exp_avg_sq, n, "exp_avg_sq");
 }
 
 void adamw8bit_step_cpu(uintptr_t param, uintptr_t grad, uintptr_t state1, uintptr_t state2, uintptr_t absmax1,
                         uintptr_t absmax2, uintptr_t step, uintptr_t skipped, uintptr_t flag, uintptr_t table,
                         int64_t n, int64_t dtype, double lr, double beta1, double beta2, double eps,
                         double weight_decay, int64_t num_threads) {
-  check_optim_args(n, dtype, lr, beta1, beta2, eps, weight_decay);
-  check_ptr(step, 1, "step");
-  check_ptr(skipped, 1, "skipped");
-  check_ptr(flag, 1, "flag");
-  check_ptr(param, n, "param");
-  check_ptr(grad, n, "grad");
-  check_ptr(state1, n, "state1");
-  check_ptr(state2, n, "state2");
-  check_ptr(absmax1, n, "absmax1");
-  check_ptr(absmax2, n, "absmax2");
-  check_ptr(table, n, "table");
+  check_adamw8bit_args(param, grad, state1, state2, absmax1, absmax2, step, skipped, flag, table, n, dtype, lr, beta1,
+                       beta2, eps, weight_decay);
   auto* step_p = reinterpret_cast<int64_t*>(step);
   const int isa = opt_isa();
-  bool rejected = false;
-  by_dtype(dtype, [&](auto dt) { rejected = grad_rejected_any<decltype(dt)::value>(reinterpret_cast<const void*>(grad), n, num_threads, isa); });
-  if (rejected) {
-    *reinterpret_cast<int64_t*>(skipped) += 1;
-    return;
-  }
+  if (skip_rejected_grad(grad, n, dtype, skipped, num_threads, isa)) return;
   Step8 a;
   a.p = reinterpret_cast<void*>(param);
   a.g = reinterpret_cast<const void*>(grad);
@@ -420,22 +441,11 @@ void adamw8bit_step_cpu(uintptr_t param, uintptr_t grad, uintptr_t state1, uintp
 void adamw32bit_step_cpu(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t step,
                          uintptr_t skipped, uintptr_t flag, int64_t n, int64_t dtype, double lr, double beta1,
                          double beta2, double eps, double weight_decay, int64_t num_threads) {
-  check_optim_args(n, dtype, lr, beta1, beta2, eps, weight_decay);
-  check_ptr(step, 1, "step");
-  check_ptr(skipped, 1, "skipped");
-  check_ptr(flag, 1, "flag");
-  check_ptr(param, n, "param");
-  check_ptr(grad, n, "grad");
-  check_ptr(exp_avg, n, "exp_avg");
-  check_ptr(exp_avg_sq, n, "exp_avg_sq");
+  check_adamw32bit_args(param, grad, exp_avg, exp_avg_sq, step, skipped, flag, n, dtype, lr, beta1, beta2, eps,
+                        weight_decay);
   auto* step_p = reinterpret_cast<int64_t*>(step);
   const int isa = opt_isa();
-  bool rejected = false;
-  by_dtype(dtype, [&](auto dt) { rejected = grad_rejected_any<decltype(dt)::value>(reinterpret_cast<const void*>(grad), n, num_threads, isa); });
-  if (rejected) {
-    *reinterpret_cast<int64_t*>(skipped) += 1;
-    return;
-  }
+  if (skip_rejected_grad(grad, n, dtype, skipped, num_threads, isa)) return;
   Step32 a;
   a.p = reinterpret_cast<void*>(param);
   a.g = reinterpret_cast<const void*>(grad);

@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_launch.h"
 #include "nf4_kernels.h"
 #include "optim_format.h"
 #include "optim_kernels.h"
@@ -21,13 +22,6 @@
 namespace qk {
 namespace {
 
-void check_launch(const char* what) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("qlora_kernels: CUDA error in ") + what + ": " + cudaGetErrorName(e) + ": " +
-                             cudaGetErrorString(e));
-}
-inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 constexpr int kThreads = 256;
 constexpr int kPerLane = kOptBlock / 32;  // 8 values per lane, one 256-value block per warp
@@ -158,17 +152,8 @@ void adamw8bit_step_cuda(uintptr_t param, uintptr_t grad, uintptr_t state1, uint
                          uintptr_t absmax2, uintptr_t step, uintptr_t skipped, uintptr_t flag, uintptr_t table,
                          int64_t n, int64_t dtype, double lr, double beta1, double beta2, double eps,
                          double weight_decay, uintptr_t stream) {
-  check_optim_args(n, dtype, lr, beta1, beta2, eps, weight_decay);
-  check_ptr(step, 1, "step");
-  check_ptr(skipped, 1, "skipped");
-  check_ptr(flag, 1, "flag");
-  check_ptr(param, n, "param");
-  check_ptr(grad, n, "grad");
-  check_ptr(state1, n, "state1");
-  check_ptr(state2, n, "state2");
-  check_ptr(absmax1, n, "absmax1");
-  check_ptr(absmax2, n, "absmax2");
-  check_ptr(table, n, "table");
+  check_adamw8bit_args(param, grad, state1, state2, absmax1, absmax2, step, skipped, flag, table, n, dtype, lr, beta1,
+                       beta2, eps, weight_decay);
   const cudaStream_t st = as_stream(stream);
   auto* flag_p = reinterpret_cast<int*>(flag);
   const Hyper h{lr, beta1, beta2, eps, weight_decay};
@@ -193,14 +178,8 @@ void adamw8bit_step_cuda(uintptr_t param, uintptr_t grad, uintptr_t state1, uint
 void adamw32bit_step_cuda(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t step,
                           uintptr_t skipped, uintptr_t flag, int64_t n, int64_t dtype, double lr, double beta1,
                           double beta2, double eps, double weight_decay, uintptr_t stream) {
-  check_optim_args(n, dtype, lr, beta1, beta2, eps, weight_decay);
-  check_ptr(step, 1, "step");
-  check_ptr(skipped, 1, "skipped");
-  check_ptr(flag, 1, "flag");
-  check_ptr(param, n, "param");
-  check_ptr(grad, n, "grad");
-  check_ptr(exp_avg, n, "exp_avg");
-  check_ptr(exp_avg_sq, n, "exp_avg_sq");
+  check_adamw32bit_args(param, grad, exp_avg, exp_avg_sq, step, skipped, flag, n, dtype, lr, beta1, beta2, eps,
+                        weight_decay);
   const cudaStream_t st = as_stream(stream);
   auto* flag_p = reinterpret_cast<int*>(flag);
   const Hyper h{lr, beta1, beta2, eps, weight_decay};

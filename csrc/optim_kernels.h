@@ -12,7 +12,12 @@
 namespace qk {
 
 // Argument checks shared by the CPU and CUDA entry points (std::invalid_argument naming the argument).
-void check_optim_args(int64_t n, int64_t dtype, double lr, double beta1, double beta2, double eps, double wd);
+void check_adamw8bit_args(uintptr_t param, uintptr_t grad, uintptr_t state1, uintptr_t state2, uintptr_t absmax1,
+                          uintptr_t absmax2, uintptr_t step, uintptr_t skipped, uintptr_t flag, uintptr_t table,
+                          int64_t n, int64_t dtype, double lr, double beta1, double beta2, double eps, double wd);
+void check_adamw32bit_args(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t step,
+                           uintptr_t skipped, uintptr_t flag, int64_t n, int64_t dtype, double lr, double beta1,
+                           double beta2, double eps, double wd);
 
 // ---- CPU (optim_cpu.cpp); last argument: number of worker threads -------------------------------------------
 // 8-bit states: state1/state2 uint8 codes [n] (signed / unsigned dynamic map), absmax1/absmax2 float32
