@@ -344,14 +344,6 @@ void step32_dispatch(const Step32& a, int64_t i0, int64_t i1, int isa) {
   step32_scalar<DT>(a, i0, i1);
 }
 
-template <class F>
-void by_dtype(int64_t dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: return f(std::integral_constant<int, kFloat32>{});
-    case kFloat16: return f(std::integral_constant<int, kFloat16>{});
-    default: return f(std::integral_constant<int, kBFloat16>{});
-  }
-}
 
 void check_hyper(double lr, double beta1, double beta2, double eps, double weight_decay) {
   auto bad = [](double x) { return !(x == x) || x - x != 0.0; };  // NaN or inf

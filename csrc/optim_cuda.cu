@@ -132,14 +132,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class F>
-void by_dtype(int64_t dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: return f(std::integral_constant<int, kFloat32>{});
-    case kFloat16: return f(std::integral_constant<int, kFloat16>{});
-    default: return f(std::integral_constant<int, kBFloat16>{});
-  }
-}
 
 unsigned grid_for(int64_t n, int64_t per_cta) {
   const int64_t blocks = (n + per_cta - 1) / per_cta;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "nf4_format.h"
 
@@ -22,6 +23,16 @@ constexpr int kBaseOffset = 512;
 constexpr int kTableStride = 512 + 2 * kNumBuckets;  // the signed map's table, then the unsigned one
 // |g| >= 2^63 (or inf / NaN: larger bit patterns) skips the step: g * g would overflow float32.
 constexpr uint32_t kGradLimitBits = 0x5f000000u;
+
+// Host dispatch on the runtime dtype code to a kernel templated on it (the CPU and CUDA launchers).
+template <class F>
+void by_dtype(int64_t dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(std::integral_constant<int, kFloat32>{});
+    case kFloat16: return f(std::integral_constant<int, kFloat16>{});
+    default: return f(std::integral_constant<int, kBFloat16>{});
+  }
+}
 
 // ---- double arithmetic of the per-step scalars, one rounding per operation ----------------------------------
 QK_HD double d_mul(double a, double b) {
