@@ -6,6 +6,8 @@ Two spawned runs cover everything (each process: one thread, a process-group tim
          equal to single-process full-batch training (reshard_after_forward True / False, activation
          checkpointing), the full state dict gathered to rank 0, and a torch.distributed.checkpoint save.
   run B: meta-device init + load_from_rank0, and a rank hitting a bad input failing instead of hanging.
+  run C: DistributedDataParallel (DDP keeps working): rank 0's NF4 buffers broadcast, LoRA gradients
+         all-reduced, both ranks' adapters identical after steps on different data.
 The checks on the results run here, in the single pytest process (single-process references, bitsandbytes).
 """
 
@@ -434,3 +436,33 @@ def test_shard_model_says_what_is_missing():
         pytest.skip("a process group exists in this process")
     with pytest.raises(RuntimeError, match="torch.distributed initialized"):
         qd.shard_model(make_model())
+
+
+# ------------------------------------------------------------------------------------------------- run C
+def _run_ddp(rank, world, out_dir):
+    import qlora_kernels as qk
+
+    torch.manual_seed(1234 + rank)  # different base weights per rank: DDP must broadcast rank 0's
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))
+    qk.prepare_model(model, target_modules=["0", "2"], r=4, alpha=8, verbose=False)
+    for m in model.modules():
+        if isinstance(m, qk.QLoRALinear):
+            nn.init.normal_(m.lora_B.weight, std=0.02)  # nonzero B so A gets gradients too
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
+    g = torch.Generator().manual_seed(rank)  # each rank its own batch
+    x, target = torch.randn(8, 64, generator=g), torch.randn(8, 32, generator=g)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), target).backward()
+        opt.step()
+    return dict(model.state_dict())
+
+
+def test_ddp_two_processes_keep_adapters_in_sync(tmp_path):
+    s0, s1 = spawn("_run_ddp", tmp_path)
+    assert s0.keys() == s1.keys()
+    assert len([k for k in s0 if "lora_" in k]) == 4
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), f"{k} differs between ranks"
+    assert any(k.endswith("weight.absmax") for k in s0)  # the NF4 state travelled in the state dict
