@@ -188,7 +188,9 @@ def _peft_selection(model, target_modules, exclude_modules=None):
     (["q_proj", "blocks.1.out_proj"], ["blocks.0.q_proj"]),  # full paths, suffixes and an exclusion
     ("q_proj|blocks\\.1\\..*proj", None),                   # fullmatch: the top-level q_proj, not blocks.0.q_proj
     (".*\\.(q|out)_proj", ["1.out_proj"]),
-], ids=["suffix", "paths-exclude", "regex-fullmatch", "regex-exclude"])
+    (["q_proj", "out_proj"], "blocks\\.0\\..*"),                # a str exclude is a regex (PEFT), not a name
+    (["q_proj", "out_proj"], "q_proj"),                         # fullmatch: only the top-level q_proj
+], ids=["suffix", "paths-exclude", "regex-fullmatch", "regex-exclude", "exclude-regex", "exclude-regex-fullmatch"])
 def test_target_selection_is_peft_selection(targets, exclude):
     ours = sorted(find_target_modules(_Tricky(), targets, exclude or ()))
     assert ours == _peft_selection(_Tricky(), targets, exclude)

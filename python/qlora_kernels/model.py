@@ -64,12 +64,21 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, Iterable[st
     target_modules: "all-linear" (every Linear except the output head: `model.get_output_embeddings()` and
         modules named lm_head), another str (a regex the full path must match, as in PEFT), or names (a module
         matches one when its path equals it or ends with "." + it).
-    exclude_modules: names (same suffix rule) never replaced.
+    exclude_modules: modules never replaced: a str is a regex the full path must match, names follow the
+        suffix rule (both as in PEFT's LoraConfig.exclude_modules).
     Layers that are QLoRALinear already (a second prepare_model call) are never returned, nor their adapters'
     own lora_A / lora_B; when they are all that matches, the result is empty instead of an error.
     """
     model = unwrap_model(model)
-    exclude = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules)
+    if isinstance(exclude_modules, str):  # PEFT: a str is a regex over the full path, not a name
+        exclude_pattern = re.compile(exclude_modules)
+        exclude: list = []
+    else:
+        exclude_pattern, exclude = None, list(exclude_modules)
+
+    def excluded(name: str) -> bool:
+        return any(_name_matches(name, e) for e in exclude) or (
+            exclude_pattern is not None and exclude_pattern.fullmatch(name) is not None)
     all_linear = target_modules == "all-linear"
     if isinstance(target_modules, str) and not all_linear:
         pattern = re.compile(target_modules)
@@ -98,7 +107,7 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, Iterable[st
         if not name:
             continue
         if isinstance(module, QLoRALinear):  # prepared already: left alone, but it counts as a match
-            if match(name) and not any(_name_matches(name, e) for e in exclude):
+            if match(name) and not excluded(name):
                 prepared_matches.append(name)
             continue
         if any(name.startswith(p + ".") for p in prepared):  # the adapters' own lora_A / lora_B
@@ -109,7 +118,7 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, Iterable[st
         linear_names.append(name)
         if name in parents_mha:  # nn.MultiheadAttention reads out_proj.weight directly: it must stay dense
             continue
-        if module is head or any(_name_matches(name, e) for e in exclude):
+        if module is head or excluded(name):
             continue
         if match(name):
             found.append(name)
