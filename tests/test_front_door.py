@@ -348,3 +348,17 @@ def test_demo_rejects_bad_options(argv, message, capsys):
         main(["demo", *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_every_non_finite_value(dtype, bad):
+    """prepare_model's validate-first pass uses all_finite (one aminmax pass, not isfinite().all())."""
+    from qlora_kernels._format import all_finite
+    big = torch.full((4097,), torch.finfo(dtype).max, dtype=dtype)
+    big[::2] = torch.finfo(dtype).min
+    assert all_finite(big) and all_finite(torch.empty(0, dtype=dtype))
+    for pos in (0, 1234, 4096):
+        w = big.clone()
+        w[pos] = bad
+        assert not all_finite(w), (dtype, bad, pos)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import reference as ref
 from ._backend import linear_path, native_module, use_native
-from ._format import DTYPE_CODES, NESTED_BLOCKSIZE, device_table, num_blocks, packed_numel
+from ._format import DTYPE_CODES, NESTED_BLOCKSIZE, all_finite, device_table, num_blocks, packed_numel
 
 # Elements per CPU thread below which the native kernels run on one thread: starting threads on every call
 # right after a torch matmul (whose OpenMP workers are still spinning) cost ~0.5 ms per call in a model step
@@ -66,9 +66,8 @@ def quantize_nf4(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
         if count:
             _raise_non_finite(count, first, w.shape)
         return packed, absmax
-    finite = torch.isfinite(w)
-    if not bool(finite.all()):
-        bad = (~finite).reshape(-1)
+    if not all_finite(w):
+        bad = (~torch.isfinite(w)).reshape(-1)
         _raise_non_finite(int(bad.sum()), int(bad.nonzero()[0, 0]), w.shape)
     return ref.quantize_nf4_ref(w, blocksize)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from ._format import FLOAT_DTYPES, check_blocksize, check_tensor
+from ._format import FLOAT_DTYPES, all_finite, check_blocksize, check_tensor
 
 __all__ = [
     "quantize_nf4",
@@ -96,7 +96,7 @@ def double_quantize(absmax: torch.Tensor):
     offset = mean(absmax); (absmax - offset) is quantized to DYNAMIC_MAP codes in blocks of 256.
     """
     check_tensor(absmax, "absmax", dtype=torch.float32)
-    if absmax.numel() and not bool(torch.isfinite(absmax).all()):
+    if not all_finite(absmax):
         raise ValueError("absmax must be finite")
     return _ops.double_quantize(absmax.reshape(-1))
 

@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ._format import FLOAT_DTYPES, check_blocksize
+from ._format import FLOAT_DTYPES, all_finite, check_blocksize
 from .nn import QLoRALinear, check_lora_args
 
 __all__ = ["prepare_model", "PrepareReport", "find_target_modules", "qlora_modules", "model_memory",
@@ -216,7 +216,7 @@ def _check_target(name: str, module: nn.Module) -> None:
     if w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}.weight must be float32, float16 or bfloat16 to quantize, got {w.dtype}")
     # a meta weight (meta init, filled later by distributed.load_from_rank0) has no values to check
-    if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+    if w.device.type != "meta" and not all_finite(w):
         raise ValueError(f"{name}.weight has non-finite values (NaN or inf): NF4 cannot represent them")
 
 
