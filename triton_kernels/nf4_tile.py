@@ -27,11 +27,22 @@ def _nf4_scale(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, b, mask, DOUBLE_QUA
     if DOUBLE_QUANT:
         code = tl.load(absmax_ptr + b, mask=mask, other=0).to(tl.int32)
         q = tl.load(dmap_ptr + code)
-        nested = tl.load(nested_ptr + b // 256, mask=mask, other=0.0)
+        nested = tl.load(nested_ptr + (b >> 8), mask=mask, other=0.0)  # b >= 0: b // 256 without sign fix-up
         scale = q * nested + tl.load(offset_ptr)
         scale = tl.where(mask, scale, 0.0)
     else:
         scale = tl.load(absmax_ptr + b, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _nf4_scale_all(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, b, DOUBLE_QUANT: tl.constexpr):
+    """_nf4_scale with every block present (the aligned fast path): no masks, no select."""
+    if DOUBLE_QUANT:
+        q = tl.load(dmap_ptr + tl.load(absmax_ptr + b).to(tl.int32))
+        scale = q * tl.load(nested_ptr + (b >> 8)) + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + b)
     return scale
 
 
@@ -211,8 +222,10 @@ def nf4_tile_fast(
     WB: tl.constexpr = BLOCKSIZE // 8  # int32 words per block
     rows64 = rows.to(tl.int64)
     g = tl.arange(0, G)
-    b = ((rows64 * K + k0) // BLOCKSIZE)[:, None] + g[None, :]  # [R, G]: the tile row's blocks
-    scale = _nf4_scale(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, b, b >= 0, DOUBLE_QUANT)
+    # [R, G]: the tile row's blocks. K % BLOCKSIZE == 0, so (row K + k0) / BLOCKSIZE splits into a per-row
+    # part, which the compiler hoists out of the K loop, and a uniform k0 / BLOCKSIZE (no 64-bit division).
+    b = (rows64 * (K // BLOCKSIZE) + k0 // BLOCKSIZE)[:, None] + g[None, :]
+    scale = _nf4_scale_all(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, b, DOUBLE_QUANT)
     word_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
     first = tl.multiple_of(b * WB, [4, 4])  # K % 32 == 0: every block starts on a 16-byte boundary
     words = tl.load(word_ptr + first[:, :, None] + tl.arange(0, WB)[None, None, :])  # [R, G, WB]
