@@ -206,11 +206,11 @@ def _lookup(words, p0, p1, p2, p3, p4, p5, p6, p7, ACT: tl.constexpr):
 @triton.jit
 def nf4_tile_fast(
     packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr,
-    rows, k0, K,
+    rows, row0, k0, K,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr, ACT: tl.constexpr, LUT_ASM: tl.constexpr,
 ):
-    """W[rows, k0:k0 + BLOCK_K] in ACT (float16 / bfloat16), on the aligned fast path only:
+    """W[row0 + rows, k0:k0 + BLOCK_K] in ACT (float16 / bfloat16), on the aligned fast path only:
     every row < N, K % BLOCK_K == 0, BLOCK_K a multiple of BLOCKSIZE, k0 a multiple of BLOCK_K (no masks).
 
     The packed bytes load as int32 words (8 codes each; 16-byte vector loads, which Triton can pipeline);
@@ -224,7 +224,8 @@ def nf4_tile_fast(
     g = tl.arange(0, G)
     # [R, G]: the tile row's blocks. K % BLOCKSIZE == 0, so (row K + k0) / BLOCKSIZE splits into a per-row
     # part, which the compiler hoists out of the K loop, and a uniform k0 / BLOCKSIZE (no 64-bit division).
-    b = (rows64 * (K // BLOCKSIZE) + k0 // BLOCKSIZE)[:, None] + g[None, :]
+    # (row0: a scalar row offset, so the loop-varying part stays uniform when the rows move, as in dx)
+    b = (rows64 * (K // BLOCKSIZE) + (row0 * (K // BLOCKSIZE) + k0 // BLOCKSIZE))[:, None] + g[None, :]  # < 2^31: N K / BLOCKSIZE blocks
     scale = _nf4_scale_all(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, b, DOUBLE_QUANT)
     word_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
     first = tl.multiple_of(b * WB, [4, 4])  # K % 32 == 0: every block starts on a 16-byte boundary
