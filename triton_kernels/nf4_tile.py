@@ -102,12 +102,22 @@ def nf4_tile(
 
 
 # ------------------------------------------------------------------------------------ register lookup (fast path)
-# On the aligned fast path (no masks, BLOCK_K == BLOCKSIZE: one scale per tile row) each tile row first gets
-# its table of the 16 products T[c] = round(NF4[c] * scale) in the activation dtype (float32 multiply,
-# one rounding: bit-identical to the reference), held in 8 registers as byte planes (low / high byte of
-# each 16-bit value) in halves of 4 codes. A packed int32 word (8 codes) is then looked up with byte
-# permutes: PRMT picks 4 bytes of a 2-register half by the 3 low bits of 4 codes, a third PRMT picks the
-# half by bit 3, and two more interleave the planes into 16-bit values. No memory access per weight.
+# On the aligned fast path (no masks, BLOCK_K a multiple of BLOCKSIZE: one scale per tile row and block) each
+# (row, block) first gets its table of the 16 products T[c] = round(NF4[c] * scale) in the activation dtype
+# (float32 multiply, one rounding: bit-identical to the reference), held in 8 registers as byte planes (low /
+# high byte of each 16-bit value) in halves of 8 codes. A packed int32 word (8 codes) is then looked up with
+# byte permutes (lookup_asm: 22 instructions per word, two 16-bit values per output register). No memory
+# access per weight.
+#
+# sm_90 SASS of the forward's main loop (64x128x64, 4 warps: 64 weights per thread and iteration, 373
+# instructions = 5.83 per weight; bench/sass_report.py): lookup 177 (8 words x 22), tables 62 (each thread
+# holds two half rows, Triton's layout of a 16-byte-per-thread [R, G, 8] load, so it builds two tables of 31:
+# 15 FMUL, 8 F2FP, 8 PRMT), scale rebuild + its move to the words' layout 8, 16-byte stores of the tile 8,
+# wgmma + fences/barriers 36, cp.async copies 15, address arithmetic + pipeline bookkeeping 65, words from
+# shared 2. Tried, not kept (triton 3.9): words loaded as [2 (chunk), R, G, 4] put a whole row in one thread
+# (one table per 64 weights) but need a permute before the [R, 64] reshape; the result is a linear layout,
+# for which the sm_90 dot-operand pass fails ("Illegal shared layout"; the same with two 32-column dots: a
+# 128-byte swizzle for 64-byte rows) or picks an N-major shared tile (64 STS.U16 instead of 8 STS.128).
 def _nf4_values() -> list:
     # the format's table (_format.NF4_TABLE), as float32 bit patterns; literal so this module imports alone
     bits = (0xBF800000, 0xBF3239B1, 0xBF066B30, 0xBECA32A0, 0xBE91A24D, 0xBE3D353F, 0xBDBA7871, 0x00000000,
