@@ -87,9 +87,9 @@ def _run_worker():
 
 # Targets of the main loop on the benchmark configurations (sm_90, bf16, blocksize 64, double quant), from the
 # same counts bench.sass_report prints. Issue 9 asks fwd <= 5, dx <= 6, decode <= 4 instructions per weight;
-# these are the figures reached (bench/results/sass-sm90.json, here with rank 64 and a bias), so a regression
-# fails here. Not reached yet: the gap is reported in bench/results and the README.
-MAX_INSTR_PER_WEIGHT = {"fwd": 7.6, "dx": 7.8, "decode": 7.2}
+# these are the figures reached (bench/results/sass-sm90.json, here with rank 64 and a bias: 5.81, 5.80, 5.58),
+# so a regression fails here. dx meets its target; the forward and decode do not yet (README, SASS section).
+MAX_INSTR_PER_WEIGHT = {"fwd": 5.9, "dx": 5.85, "decode": 5.65}
 # No per-weight table gather or byte load (the NF4 lookup is in registers): what is left are the per-row scale
 # loads (absmax code byte, dynamic-map entry, nested scale), 3 per tile row and iteration, so tiles with fewer
 # than 32 weights per thread (the small-M configs) stay above 0.1.
@@ -159,7 +159,7 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------------- register lookup: bit-exactness
 def _run_ptx(asm: str, inputs: list, n_out: int) -> list:
-    """A tiny interpreter for the PTX of nf4_tile's register lookup (b32 logic, prmt, f32 mul, cvt, mov)."""
+    """A tiny interpreter for the PTX of nf4_tile's register lookup (b32 logic, lop3, prmt, f32 mul, cvt, mov)."""
     import struct
 
     import torch
@@ -190,6 +190,10 @@ def _run_ptx(asm: str, inputs: list, n_out: int) -> list:
         if not line or line in "{}" or line.startswith(".reg"):
             continue
         op, rest = line.split(None, 1)
+        if op == "mov.b32" and not rest.lstrip().startswith("{"):
+            d, a0 = [t.strip() for t in rest.split(",")]
+            regs[d] = val(a0)
+            continue
         if op == "mov.b32":
             dst, src = rest.split("},")
             lo, hi = [d.strip() for d in dst.strip("{ ").split(",")]
@@ -202,8 +206,18 @@ def _run_ptx(asm: str, inputs: list, n_out: int) -> list:
             r = val(a[0]) & val(a[1])
         elif op == "or.b32":
             r = val(a[0]) | val(a[1])
+        elif op == "xor.b32":
+            r = val(a[0]) ^ val(a[1])
         elif op == "shr.u32":
             r = val(a[0]) >> val(a[1])
+        elif op == "shl.b32":
+            r = val(a[0]) << val(a[1])
+        elif op == "lop3.b32":  # bit i of d = bit 4 a_i + 2 b_i + c_i of immLut (PTX: immLut = F(0xF0, 0xCC, 0xAA))
+            x, y, z, lut = val(a[0]), val(a[1]), val(a[2]), val(a[3])
+            r = 0
+            for i in range(32):
+                idx = ((x >> i) & 1) << 2 | ((y >> i) & 1) << 1 | ((z >> i) & 1)
+                r |= ((lut >> idx) & 1) << i
         elif op == "mul.rn.f32":
             r = f2u(float(torch.tensor(u2f(val(a[0])), dtype=torch.float32) * torch.tensor(u2f(val(a[1])), dtype=torch.float32)))
         elif op.startswith("cvt.rn."):
@@ -250,10 +264,11 @@ def test_register_lookup_is_bit_exact():
             planes = _run_ptx(asm, [f2u(float(s32))], 8)
             ref = (NF4_TABLE * s32).to(dtype).view(torch.int16).tolist()
             for w in words:
-                got = _run_ptx(nf4_tile._LOOKUP_ASM.value, [w, *planes], 8)
+                got = _run_ptx(nf4_tile._LOOKUP_ASM.value, [w, *planes], 4)
                 byte = [(w >> (8 * j)) & 0xFF for j in range(4)]
                 codes = [c for b in byte for c in (b >> 4, b & 0xF)]  # memory order: high nibble first
-                want = [ref[c] & 0xFFFF for c in codes]
+                vals = [ref[c] & 0xFFFF for c in codes]
+                want = [vals[2 * i] | vals[2 * i + 1] << 16 for i in range(4)]  # pairs, lower code in the low half
                 assert got == want, (dtype, s, hex(w), [hex(v) for v in got], [hex(v) for v in want])
 
 

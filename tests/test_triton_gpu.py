@@ -165,6 +165,10 @@ def test_register_lookup_bit_exact(dq, dtype):
     torch.testing.assert_close(nf4_linear(eye_k, *args), want.t(), rtol=0, atol=0)
     torch.testing.assert_close(nf4_linear_dx(eye_n, *args), want, rtol=0, atol=0)
     torch.testing.assert_close(nf4_decode(eye_k[:16], *args), want.t()[:16], rtol=0, atol=0)
+    # M not a multiple of the tile (masked activation loads; EVEN_M off) and a single decode row
+    torch.testing.assert_close(nf4_linear(eye_k[:500], *args), want.t()[:500], rtol=0, atol=0)
+    torch.testing.assert_close(nf4_linear_dx(eye_n[:250], *args), want[:250], rtol=0, atol=0)
+    torch.testing.assert_close(nf4_decode(eye_k[77:78], *args), want.t()[77:78], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -184,3 +188,7 @@ def test_launches_on_the_weights_device():
     torch.testing.assert_close(nf4_linear(eye_k, *args), want.t(), rtol=0, atol=0)
     torch.testing.assert_close(nf4_linear_dx(eye_n, *args), want, rtol=0, atol=0)
     torch.testing.assert_close(nf4_decode(eye_k[:16], *args), want.t()[:16], rtol=0, atol=0)
+    # M not a multiple of the tile (masked activation loads; EVEN_M off) and a single decode row
+    torch.testing.assert_close(nf4_linear(eye_k[:500], *args), want.t()[:500], rtol=0, atol=0)
+    torch.testing.assert_close(nf4_linear_dx(eye_n[:250], *args), want[:250], rtol=0, atol=0)
+    torch.testing.assert_close(nf4_decode(eye_k[77:78], *args), want.t()[77:78], rtol=0, atol=0)

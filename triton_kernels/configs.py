@@ -40,19 +40,19 @@ _C = LaunchConfig
 HEURISTICS: dict[tuple, LaunchConfig] = {
     ("fwd", 9, 64): _C(64, 32, 64, 8, 4, 4),
     ("fwd", 9, 256): _C(64, 128, 64, 8, 4, 4),
-    # M > 256: 64-row tiles with one warpgroup (sass_report, register lookup: 7.3-7.4 instructions per weight,
-    # 160 registers, 51-64 KB shared: 3 CTAs per SM, so one CTA's dequantization overlaps another's wgmma;
-    # 128x128x64 w8 took 9.0 per weight and 182 registers: one CTA per SM, which waits for its own wgmma).
+    # M > 256: 64-row tiles with one warpgroup (sass_report, register lookup: 5.8 instructions per weight,
+    # 158 registers, 51-64 KB shared: 3 CTAs per SM, so one CTA's dequantization overlaps another's wgmma;
+    # 128x128x64 w8 took 7.2 per weight; 64x128x128 w4 5.5 but 231 registers: 2 CTAs per SM).
     ("fwd", 9, 1024): _C(64, 128, 64, 8, 4, 3),
     ("fwd", 9, None): _C(64, 128, 64, 8, 4, 4),
     ("dx", 9, 64): _C(64, 64, 64, 8, 4, 4),
     ("dx", 9, 256): _C(64, 64, 128, 8, 4, 4),
-    ("dx", 9, 1024): _C(64, 64, 128, 8, 4, 3),  # as the forward: 7.5 per weight, 3 CTAs per SM (128x64x128 w8: 9.5, 1)
+    ("dx", 9, 1024): _C(64, 64, 128, 8, 4, 3),  # as the forward: 5.8 per weight, 3 CTAs per SM
     ("dx", 9, None): _C(64, 64, 128, 8, 4, 4),
     # decode: block_m 16 = tl.dot on mma tiles for every M <= 16 (its loads are software-pipelined with
     # cp.async; the M = 1 register-FMA variant, block_m 1, is not: the bench compares both). BLOCK_K = 64 =
     # the blocksize and 128 rows: the register lookup's fast path at 64 weights per thread (sass_report:
-    # 7.0 instructions per weight, vs 12.0 at 16x16x256 and 9.0 at 16x64x64); split-K fills the SMs.
+    # 5.6 instructions per weight; 16x128x128 5.3 with 164 registers, 16x256x64 w8 5.7); split-K fills the SMs.
     ("decode", 9, 16): _C(16, 128, 64, 1, 4, 4),
     # sm_80 (A100; also used for 8.6/8.9 and anything older/newer not listed): mma.sync tiles.
     ("fwd", 8, 64): _C(64, 32, 64, 8, 4, 3),
@@ -63,7 +63,7 @@ HEURISTICS: dict[tuple, LaunchConfig] = {
     ("dx", 8, 256): _C(64, 64, 128, 8, 4, 3),
     ("dx", 8, 1024): _C(128, 64, 64, 8, 8, 3),  # BLOCK_K 128 spilled 40 B with triton 3.6
     ("dx", 8, None): _C(128, 64, 64, 8, 8, 3),
-    ("decode", 8, 16): _C(16, 128, 64, 1, 4, 3),  # sass_report: 7.2 instructions per weight (16x16x256: 11.8)
+    ("decode", 8, 16): _C(16, 128, 64, 1, 4, 3),  # sass_report: 5.6 instructions per weight
     # interpreter: small tiles (it runs every program in Python)
     ("fwd", 0, None): _C(32, 32, 32, 4, 4, 1),
     ("dx", 0, None): _C(32, 32, 32, 4, 4, 1),

@@ -57,7 +57,7 @@ def _nf4_decode_kernel(
         for k0 in range(k_start, k_end, BLOCK_K):
             x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
             if FAST:
-                w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, K,
+                w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, 0, k0, K,
                                   BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM)
             else:
                 w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, N, K,
@@ -70,7 +70,7 @@ def _nf4_decode_kernel(
         for k0 in range(k_start, k_end, BLOCK_K):
             x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
             if FAST:
-                w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, K,
+                w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, 0, k0, K,
                                   BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM)
             else:
                 w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, N, K,

@@ -28,13 +28,14 @@ under "crossover"; put measured values in MEASURED_CROSSOVER or DEVICE_MODEL["fu
 eta comes from bench/sass_report.py's static model of the compiled kernels (the forward's main loop counted
 in its SASS: instructions issued per dequantized weight against the tensor-core time, overlapped only when
 two CTAs share an SM): its roofline fraction of the forward at M = N = K = 4096, bf16, double quant
-(bench/results/sass-sm90.json: 0.703 with 7.4 instructions per weight; today's kernels before the register
-lookup: 0.404 at 15.4). That model is an optimistic bound (one instruction per scheduler per clock, no
-stalls). With P = 788 TFLOP/s and BW = 4.3 TB/s (both measured on this workplace's H200) and eta = 0.703,
-`crossover_m` gives for N = K = 4096: M* = 657 (r = 0), 961 (r = 16), 924 (r = 64); 8192 x 8192, r = 16:
-669; 14336 x 4096, r = 16: 763. So M <= 16 -> decode, M = 512 -> fused, M >= 1024 -> dequant + cuBLAS.
-(With the old assumed eta = 0.85 M* was 3558 at 4096 x 4096, r = 16, which sent M = 512 to a fused
-kernel the same model now puts at 0.40 of cuBLAS.) Measured crossovers go into MEASURED_CROSSOVER, which
+(bench/results/sass-sm90.json: 0.895 with 5.8 instructions per weight, 3 CTAs per SM; the first register
+lookup: 0.703 at 7.4; the kernels before it: 0.404 at 15.4). That model is an optimistic bound (one
+instruction per scheduler per clock, no stalls). With P = 788 TFLOP/s and BW = 4.3 TB/s (both measured on
+this workplace's H200) and eta = 0.895, `crossover_m` gives for N = K = 4096: M* = 2366 (r = 0), 10153
+(r = 16), 7340 (r = 64); 8192 x 8192, r = 16: 3405; 14336 x 4096, r = 16: 8027. So M <= 16 -> decode, M up
+to a few thousand -> fused, larger M -> dequant + cuBLAS. On sm_80 the model puts the forward at the
+tensor-core bound (eta = 1.0: mma.sync time exceeds the issue time), so it never picks dequant + cuBLAS
+there; both eta are unmeasured upper bounds. Measured crossovers go into MEASURED_CROSSOVER, which
 takes precedence over the model.
 """
 
@@ -61,8 +62,8 @@ from .linear_fwd import nf4_linear
 # datasheet x 0.9 (unmeasured). fused_eff: bench/sass_report.py's model (not measured), i.e. the roofline
 # fraction of the forward at 4096^3 in bench/results/sass-sm90.json / sass-sm80.json.
 DEVICE_MODEL = {
-    9: dict(peak_tflops=788.0, copy_gbs=4300.0, fused_eff=0.703, launch_us=2.0),
-    8: dict(peak_tflops=280.0, copy_gbs=1800.0, fused_eff=0.905, launch_us=3.0),
+    9: dict(peak_tflops=788.0, copy_gbs=4300.0, fused_eff=0.895, launch_us=2.0),
+    8: dict(peak_tflops=280.0, copy_gbs=1800.0, fused_eff=1.0, launch_us=3.0),
 }
 # Measured crossovers (from bench/results/linear-*.json "crossover"): (capability, op, N, K) -> the first M at
 # which dequant + cuBLAS beats the fused kernel. Consulted before the model. Empty: nothing measured yet.

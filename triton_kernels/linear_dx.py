@@ -31,6 +31,7 @@ def _nf4_linear_dx_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, LUT_ASM: tl.constexpr,
+    EVEN_M: tl.constexpr,
 ):
     ACT: tl.constexpr = dx_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -51,9 +52,14 @@ def _nf4_linear_dx_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & ((n0 + rn) < N)[None, :], other=0.0)
+        if FAST and EVEN_M:  # N % BLOCK_N == 0 and M % BLOCK_M == 0: no mask (no predicated copies)
+            dy = tl.load(dy_ptrs)
+        elif FAST:
+            dy = tl.load(dy_ptrs, mask=m_ok[:, None], other=0.0)
+        else:
+            dy = tl.load(dy_ptrs, mask=m_ok[:, None] & ((n0 + rn) < N)[None, :], other=0.0)
         if FAST:
-            w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, n0 + rn, k0, K,
+            w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, n0, k0, K,
                               BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM)
         else:
             w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, n0 + rn, k0, N, K,
@@ -115,6 +121,7 @@ def nf4_linear_dx(
         **weight_flags(N, K, blocksize, nested_absmax),
         R_PAD=rp, R_CHUNK=min(rp, cfg.r_chunk), HAS_LORA=lora_g is not None,
         **dtype_flags(dy.dtype), **fast_flags(N, K, blocksize, cfg.block_n, cfg.block_k, dy.dtype),
+        EVEN_M=M % cfg.block_m == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
     return dx

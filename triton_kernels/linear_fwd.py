@@ -31,6 +31,7 @@ def _nf4_linear_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, LUT_ASM: tl.constexpr,
+    EVEN_M: tl.constexpr,
 ):
     ACT: tl.constexpr = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -51,8 +52,11 @@ def _nf4_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if FAST:  # N % BLOCK_N == 0, K % BLOCK_K == 0, BLOCK_K == BLOCKSIZE: no W masks, register lookup
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, K,
+            if EVEN_M:  # M % BLOCK_M == 0: no mask (no per-copy predicate in the pipelined loop)
+                x = tl.load(x_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, 0, k0, K,
                               BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM)
         else:
             x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
@@ -119,6 +123,7 @@ def nf4_linear(
         **weight_flags(N, K, blocksize, nested_absmax),
         R_PAD=rp, R_CHUNK=min(rp, cfg.r_chunk), HAS_LORA=lora_u is not None, HAS_BIAS=bias is not None,
         **dtype_flags(x.dtype), **fast_flags(N, K, blocksize, cfg.block_n, cfg.block_k, x.dtype),
+        EVEN_M=M % cfg.block_m == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
     return y

@@ -27,11 +27,22 @@ def _nf4_scale(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, b, mask, DOUBLE_QUA
     if DOUBLE_QUANT:
         code = tl.load(absmax_ptr + b, mask=mask, other=0).to(tl.int32)
         q = tl.load(dmap_ptr + code)
-        nested = tl.load(nested_ptr + b // 256, mask=mask, other=0.0)
+        nested = tl.load(nested_ptr + (b >> 8), mask=mask, other=0.0)  # b >= 0: b // 256 without sign fix-up
         scale = q * nested + tl.load(offset_ptr)
         scale = tl.where(mask, scale, 0.0)
     else:
         scale = tl.load(absmax_ptr + b, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _nf4_scale_all(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, b, DOUBLE_QUANT: tl.constexpr):
+    """_nf4_scale with every block present (the aligned fast path): no masks, no select."""
+    if DOUBLE_QUANT:
+        q = tl.load(dmap_ptr + tl.load(absmax_ptr + b).to(tl.int32))
+        scale = q * tl.load(nested_ptr + (b >> 8)) + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + b)
     return scale
 
 
@@ -91,12 +102,22 @@ def nf4_tile(
 
 
 # ------------------------------------------------------------------------------------ register lookup (fast path)
-# On the aligned fast path (no masks, BLOCK_K == BLOCKSIZE: one scale per tile row) each tile row first gets
-# its table of the 16 products T[c] = round(NF4[c] * scale) in the activation dtype (float32 multiply,
-# one rounding: bit-identical to the reference), held in 8 registers as byte planes (low / high byte of
-# each 16-bit value) in halves of 4 codes. A packed int32 word (8 codes) is then looked up with byte
-# permutes: PRMT picks 4 bytes of a 2-register half by the 3 low bits of 4 codes, a third PRMT picks the
-# half by bit 3, and two more interleave the planes into 16-bit values. No memory access per weight.
+# On the aligned fast path (no masks, BLOCK_K a multiple of BLOCKSIZE: one scale per tile row and block) each
+# (row, block) first gets its table of the 16 products T[c] = round(NF4[c] * scale) in the activation dtype
+# (float32 multiply, one rounding: bit-identical to the reference), held in 8 registers as byte planes (low /
+# high byte of each 16-bit value) in halves of 8 codes. A packed int32 word (8 codes) is then looked up with
+# byte permutes (lookup_asm: 22 instructions per word, two 16-bit values per output register). No memory
+# access per weight.
+#
+# sm_90 SASS of the forward's main loop (64x128x64, 4 warps: 64 weights per thread and iteration, 373
+# instructions = 5.83 per weight; bench/sass_report.py): lookup 177 (8 words x 22), tables 62 (each thread
+# holds two half rows, Triton's layout of a 16-byte-per-thread [R, G, 8] load, so it builds two tables of 31:
+# 15 FMUL, 8 F2FP, 8 PRMT), scale rebuild + its move to the words' layout 8, 16-byte stores of the tile 8,
+# wgmma + fences/barriers 36, cp.async copies 15, address arithmetic + pipeline bookkeeping 65, words from
+# shared 2. Tried, not kept (triton 3.9): words loaded as [2 (chunk), R, G, 4] put a whole row in one thread
+# (one table per 64 weights) but need a permute before the [R, 64] reshape; the result is a linear layout,
+# for which the sm_90 dot-operand pass fails ("Illegal shared layout"; the same with two 32-column dots: a
+# 128-byte swizzle for 64-byte rows) or picks an N-major shared tile (64 STS.U16 instead of 8 STS.128).
 def _nf4_values() -> list:
     # the format's table (_format.NF4_TABLE), as float32 bit patterns; literal so this module imports alone
     bits = (0xBF800000, 0xBF3239B1, 0xBF066B30, 0xBECA32A0, 0xBE91A24D, 0xBE3D353F, 0xBDBA7871, 0x00000000,
@@ -108,7 +129,8 @@ def table_asm(cvt: str) -> str:
     """$0..$3: low-byte planes of T[0..3], T[4..7], T[8..11], T[12..15]; $4..$7: high-byte planes; $8: scale."""
     v = _nf4_values()
     lines = ["{", ".reg .f32 p<16>;", ".reg .b32 t<8>;"]
-    lines += [f"mul.rn.f32 p{c}, $8, {v[c]};" for c in range(16)]
+    # NF4[15] = 1.0: x * 1.0 == x for every float32 (a NaN scale converts to the same canonical NaN)
+    lines += [f"mul.rn.f32 p{c}, $8, {v[c]};" for c in range(15)] + ["mov.b32 p15, $8;"]
     lines += [f"{cvt} t{i}, p{2 * i + 1}, p{2 * i};" for i in range(8)]  # t_i = T[2i] | T[2i+1] << 16
     lines += [f"prmt.b32 ${q}, t{2 * q}, t{2 * q + 1}, 0x6420;" for q in range(4)]
     lines += [f"prmt.b32 ${4 + q}, t{2 * q}, t{2 * q + 1}, 0x7531;" for q in range(4)]
@@ -117,26 +139,29 @@ def table_asm(cvt: str) -> str:
 
 
 def lookup_asm() -> str:
-    """$0..$7 (16-bit): T[code] of the 8 codes of word $8 in memory order; $9..$16: the table planes.
+    """$0..$3 (32-bit): T[code] of the 8 codes of word $4 in memory order, two per register (the lower code in
+    the low half: codes 0, 1 in $0, ..., 6, 7 in $3); $5..$12: the table planes.
 
-    Memory order: byte j of the word holds codes 2j (high nibble) and 2j + 1 (low nibble). With the 16 low
-    bits of (word & 0x7777) as selector, PRMT output byte i comes from nibble i: lo b0, hi b0, lo b1, hi b1.
+    Memory order: byte j of the word holds codes 2j (high nibble) and 2j + 1 (low nibble). PRMT reads the 16
+    low bits of its selector, one nibble per output byte (lo b0, hi b0, lo b1, hi b1), picks byte (nibble & 7)
+    of its two sources and, when nibble bit 3 is set, replicates that byte's sign instead. So the word itself
+    selects in the lower half of the table (codes >= 8 come out as sign bytes there), the word XOR 0x8888
+    selects in the upper half (codes < 8 come out as sign bytes there), and a bitwise select (LOP3) keeps,
+    byte by byte, the half that bit 3 of the code names. Its byte mask is one more PRMT in sign mode: bit 3
+    of nibble i is bit 7 of a byte of the word or of the word << 4. Per word (8 codes): 3 shifts, 1 XOR,
+    2 mask PRMTs, 8 lookup PRMTs, 4 selects, 4 interleave PRMTs = 22 instructions, no constant to hold.
     """
-    lines = ["{", ".reg .b32 w, s, t, l0, l1, l, h0, h1, h, a, b;"]
-    for g, src in ((0, "$8"), (1, "w")):
-        if g == 1:
-            lines.append("shr.u32 w, $8, 16;")
+    lines = ["{", ".reg .b32 v, w1, v1, w4, m, l0, l1, l, h0, h1, h;",
+             "xor.b32 v, $4, 0x88888888;",  # codes >= 8 -> index c - 8 of the upper half; codes < 8 -> sign mode
+             "shl.b32 w4, $4, 4;",           # bit 3 of the codes in the low nibbles -> bit 7 of a byte
+             "shr.u32 w1, $4, 16;", "shr.u32 v1, v, 16;"]
+    for g, (sw, sv, msel) in enumerate((("$4", "v", "0x9D8C"), ("w1", "v1", "0xBFAE"))):
         lines += [
-            f"and.b32 s, {src}, 0x7777;",                   # 3-bit byte index per code
-            f"shr.u32 t, {src}, 1;",
-            "and.b32 t, t, 0x4444;",                       # bit 3 of each code -> +4: the second half
-            "or.b32 t, t, 0x3210;",
-            "prmt.b32 l0, $9, $10, s;", "prmt.b32 l1, $11, $12, s;", "prmt.b32 l, l0, l1, t;",
-            "prmt.b32 h0, $13, $14, s;", "prmt.b32 h1, $15, $16, s;", "prmt.b32 h, h0, h1, t;",
-            "prmt.b32 a, l, h, 0x4051;",                   # codes 4g + 0, 1 (hi b, lo b of byte 2g)
-            "prmt.b32 b, l, h, 0x6273;",                   # codes 4g + 2, 3
-            f"mov.b32 {{${4 * g}, ${4 * g + 1}}}, a;",
-            f"mov.b32 {{${4 * g + 2}, ${4 * g + 3}}}, b;",
+            f"prmt.b32 m, $4, w4, {msel};",            # 0xFF in byte i where bit 3 of nibble i of group g is set
+            f"prmt.b32 l0, $5, $6, {sw};", f"prmt.b32 l1, $7, $8, {sv};", "lop3.b32 l, l0, l1, m, 0xD8;",
+            f"prmt.b32 h0, $9, $10, {sw};", f"prmt.b32 h1, $11, $12, {sv};", "lop3.b32 h, h0, h1, m, 0xD8;",
+            f"prmt.b32 ${2 * g}, l, h, 0x4051;",       # codes 4g + 0, 1 (hi nibble, lo nibble of byte 2g)
+            f"prmt.b32 ${2 * g + 1}, l, h, 0x6273;",   # codes 4g + 2, 3
         ]
     lines.append("}")
     return "\n".join(lines)
@@ -155,13 +180,47 @@ def _interleave8(t0, t1, t2, t3, t4, t5, t6, t7):
 
 
 @triton.jit
+def _table(scale, ACT: tl.constexpr):
+    """The 8 byte planes of T[c] = round(NF4[c] * scale) in ACT, for scale [R, G] (float32)."""
+    if ACT == tl.bfloat16:
+        planes = tl.inline_asm_elementwise(_TABLE_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [scale],
+                                           dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    else:
+        planes = tl.inline_asm_elementwise(_TABLE_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [scale],
+                                           dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    return planes
+
+
+@triton.jit
+def _halves(pair, ACT: tl.constexpr):
+    """int32 holding two 16-bit values -> (low, high) in ACT (register views, no arithmetic after ptxas)."""
+    lo = (pair & 0xFFFF).to(tl.int16).to(ACT, bitcast=True)
+    hi = (pair >> 16).to(tl.int16).to(ACT, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _lookup(words, p0, p1, p2, p3, p4, p5, p6, p7, ACT: tl.constexpr):
+    """int32 words [...] -> values in ACT [..., 2, 2, 2] (codes 8 j + 4 c + 2 b + a of word j at [j, c, b, a]),
+    with the table planes p0..p7 broadcast to the words' shape (_table)."""
+    q0, q1, q2, q3 = tl.inline_asm_elementwise(
+        _LOOKUP_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, p0, p1, p2, p3, p4, p5, p6, p7],
+        dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    t0, t1 = _halves(q0, ACT)
+    t2, t3 = _halves(q1, ACT)
+    t4, t5 = _halves(q2, ACT)
+    t6, t7 = _halves(q3, ACT)
+    return _interleave8(t0, t1, t2, t3, t4, t5, t6, t7)
+
+
+@triton.jit
 def nf4_tile_fast(
     packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr,
-    rows, k0, K,
+    rows, row0, k0, K,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr, ACT: tl.constexpr, LUT_ASM: tl.constexpr,
 ):
-    """W[rows, k0:k0 + BLOCK_K] in ACT (float16 / bfloat16), on the aligned fast path only:
+    """W[row0 + rows, k0:k0 + BLOCK_K] in ACT (float16 / bfloat16), on the aligned fast path only:
     every row < N, K % BLOCK_K == 0, BLOCK_K a multiple of BLOCKSIZE, k0 a multiple of BLOCK_K (no masks).
 
     The packed bytes load as int32 words (8 codes each; 16-byte vector loads, which Triton can pipeline);
@@ -173,31 +232,24 @@ def nf4_tile_fast(
     WB: tl.constexpr = BLOCKSIZE // 8  # int32 words per block
     rows64 = rows.to(tl.int64)
     g = tl.arange(0, G)
-    b = ((rows64 * K + k0) // BLOCKSIZE)[:, None] + g[None, :]  # [R, G]: the tile row's blocks
-    scale = _nf4_scale(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, b, b >= 0, DOUBLE_QUANT)
+    # [R, G]: the tile row's blocks. K % BLOCKSIZE == 0, so (row K + k0) / BLOCKSIZE splits into a per-row
+    # part, which the compiler hoists out of the K loop, and a uniform k0 / BLOCKSIZE (no 64-bit division).
+    # (row0: a scalar row offset, so the loop-varying part stays uniform when the rows move, as in dx)
+    b = (rows64 * (K // BLOCKSIZE) + (row0 * (K // BLOCKSIZE) + k0 // BLOCKSIZE))[:, None] + g[None, :]  # < 2^31: N K / BLOCKSIZE blocks
+    scale = _nf4_scale_all(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, b, DOUBLE_QUANT)
     word_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
     first = tl.multiple_of(b * WB, [4, 4])  # K % 32 == 0: every block starts on a 16-byte boundary
     words = tl.load(word_ptr + first[:, :, None] + tl.arange(0, WB)[None, None, :])  # [R, G, WB]
     if LUT_ASM:
-        if ACT == tl.bfloat16:
-            planes = tl.inline_asm_elementwise(_TABLE_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [scale],
-                                               dtype=(tl.int32,) * 8, is_pure=True, pack=1)
-            p0, p1, p2, p3, p4, p5, p6, p7 = planes
-            t0, t1, t2, t3, t4, t5, t6, t7 = tl.inline_asm_elementwise(
-                _LOOKUP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
-                [words, p0[:, :, None], p1[:, :, None], p2[:, :, None], p3[:, :, None],
-                 p4[:, :, None], p5[:, :, None], p6[:, :, None], p7[:, :, None]],
-                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:
-            planes = tl.inline_asm_elementwise(_TABLE_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [scale],
-                                               dtype=(tl.int32,) * 8, is_pure=True, pack=1)
-            p0, p1, p2, p3, p4, p5, p6, p7 = planes
-            t0, t1, t2, t3, t4, t5, t6, t7 = tl.inline_asm_elementwise(
-                _LOOKUP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
-                [words, p0[:, :, None], p1[:, :, None], p2[:, :, None], p3[:, :, None],
-                 p4[:, :, None], p5[:, :, None], p6[:, :, None], p7[:, :, None]],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-        w = tl.reshape(_interleave8(t0, t1, t2, t3, t4, t5, t6, t7), (BLOCK_R, BLOCK_K))
+        # The table is built where the words are: Triton spreads a row's words over 2 threads (16 bytes each),
+        # and a table built in the scale's layout (one row per thread) would move its 8 planes through shared
+        # memory (~40 instructions per tile row). Reducing a broadcast of the scale over the words' last axis
+        # puts the scale in the words' layout (one float moved, a few max instructions) before the table.
+        scale = tl.max(tl.broadcast_to(scale[:, :, None], (BLOCK_R, G, WB)), axis=2)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _table(scale, ACT)
+        v = _lookup(words, p0[:, :, None], p1[:, :, None], p2[:, :, None], p3[:, :, None],
+                    p4[:, :, None], p5[:, :, None], p6[:, :, None], p7[:, :, None], ACT)
+        w = tl.reshape(v, (BLOCK_R, BLOCK_K))
     else:
         # byte j = code 2j << 4 | code 2j+1; the word is little-endian: byte j at bits 8j
         c0 = (words >> 4) & 0xF
