@@ -136,6 +136,63 @@ def test_adamw8bit_kernel_matches_reference(isa, dtype, n):
     assert int(st["step"]) == (2 if n > 0 else 3) and int(st["skipped"]) == (1 if n > 0 else 0)
 
 
+def _quantizer_probes() -> torch.Tensor:
+    """Values in [-1, 1] where a nearest-code quantizer can go wrong: every midpoint of both maps and its
+    float32 neighbours (ties round to the lower code), every map value, every 2^-k * (1 + j / 128) bucket edge
+    of the kernels' vector quantizer (8 exponent + 7 mantissa bits) and its neighbours, zeros, tiny values and
+    random values over 30 binades."""
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+
+    def around(x):
+        x1u, x1d = torch.nextafter(x, up), torch.nextafter(x, down)
+        return [x, x1u, x1d, torch.nextafter(x1u, up), torch.nextafter(x1d, down)]
+
+    mids = torch.cat([OF.midpoints(OF.SIGNED_MAP), OF.midpoints(OF.UNSIGNED_MAP)])
+    k = torch.arange((127 - 30) << 7, 128 << 7, dtype=torch.int64)
+    edges = (k << 16).to(torch.int32).view(torch.float32)
+    edges = edges[edges <= 1.0]
+    g = torch.Generator().manual_seed(0)
+    rand = (torch.rand(40000, generator=g) * 2 - 1) * 2.0 ** -torch.randint(0, 30, (40000,), generator=g).float()
+    x = torch.cat(around(mids) + around(edges) + around(-edges) + [OF.SIGNED_MAP, OF.UNSIGNED_MAP, rand,
+                  torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-30, 1.0, -1.0])])
+    return x.clamp(-1.0, 1.0)
+
+
+@needs_native
+def test_kernel_quantizer_on_every_boundary(isa):
+    """The kernels' requantization (the vector paths use their own bucket table) against torch.bucketize
+    on _quantizer_probes, for both maps. betas = (0, 0) makes the new states m = g and v = g * g exactly, and
+    a 1.0 at the start of every 256-block makes both absmax 1, so the codes are bucketize(g) and
+    bucketize(g * g): the quantizer's input is known to the bit."""
+    probes = _quantizer_probes()
+    per_block = OF.BLOCKSIZE - 1
+    nblocks = -(-probes.numel() // per_block)
+    g = torch.zeros(nblocks, OF.BLOCKSIZE)
+    g[:, 0] = 1.0
+    g[:, 1:].reshape(-1)[: probes.numel()] = probes
+    # unsigned map: v = g * g, so also feed g = sqrt(probe) for every non-negative probe (and neighbours)
+    sq = torch.sqrt(probes[probes >= 0].double()).float()
+    roots = torch.cat([sq, torch.nextafter(sq, torch.tensor(2.0)), torch.nextafter(sq, torch.tensor(-2.0))])
+    g2 = torch.zeros(-(-roots.numel() // per_block), OF.BLOCKSIZE)
+    g2[:, 0] = 1.0
+    g2[:, 1:].reshape(-1)[: roots.numel()] = roots.clamp(0.0, 1.0)
+    grad = torch.cat([g.reshape(-1), g2.reshape(-1), torch.tensor([1.0, 0.3, -0.7, 1e-3, -5e-8])])  # + a tail
+    n = grad.numel()
+    p = torch.nn.Parameter(torch.zeros(n))
+    opt = optim.AdamW8bit([p], betas=(0.0, 0.0), weight_decay=0.0)
+    p.grad = grad
+    opt.step()
+    st = opt.state[p]
+    assert torch.equal(st["absmax1"], torch.ones_like(st["absmax1"]))
+    assert torch.equal(st["absmax2"], torch.ones_like(st["absmax2"]))
+    for name, code_map, values in (("state1", OF.SIGNED_MAP, grad), ("state2", OF.UNSIGNED_MAP, grad * grad)):
+        want = torch.bucketize(values, OF.midpoints(code_map), right=False).to(torch.uint8)
+        got = st[name]
+        bad = (got != want).nonzero()
+        assert bad.numel() == 0, (f"{isa} {name}: {bad.numel()} codes differ; e.g. value "
+                                  f"{values[bad[0, 0]].item()!r} -> {int(got[bad[0, 0]])}, want {int(want[bad[0, 0]])}")
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", (1, 257, 4097))
