@@ -164,20 +164,19 @@ def test_kernel_quantizer_on_every_boundary(isa):
     on _quantizer_probes, for both maps. betas = (0, 0) makes the new states m = g and v = g * g exactly, and
     a 1.0 at the start of every 256-block makes both absmax 1, so the codes are bucketize(g) and
     bucketize(g * g): the quantizer's input is known to the bit."""
+    def blocks_led_by_one(x):  # [1.0, 255 values] per block, zero-padded
+        rows = torch.zeros(-(-x.numel() // (OF.BLOCKSIZE - 1)), OF.BLOCKSIZE - 1)
+        rows.view(-1)[: x.numel()] = x
+        return torch.cat([torch.ones(rows.shape[0], 1), rows], dim=1).reshape(-1)
+
     probes = _quantizer_probes()
-    per_block = OF.BLOCKSIZE - 1
-    nblocks = -(-probes.numel() // per_block)
-    g = torch.zeros(nblocks, OF.BLOCKSIZE)
-    g[:, 0] = 1.0
-    g[:, 1:].reshape(-1)[: probes.numel()] = probes
     # unsigned map: v = g * g, so also feed g = sqrt(probe) for every non-negative probe (and neighbours)
     sq = torch.sqrt(probes[probes >= 0].double()).float()
     roots = torch.cat([sq, torch.nextafter(sq, torch.tensor(2.0)), torch.nextafter(sq, torch.tensor(-2.0))])
-    g2 = torch.zeros(-(-roots.numel() // per_block), OF.BLOCKSIZE)
-    g2[:, 0] = 1.0
-    g2[:, 1:].reshape(-1)[: roots.numel()] = roots.clamp(0.0, 1.0)
-    grad = torch.cat([g.reshape(-1), g2.reshape(-1), torch.tensor([1.0, 0.3, -0.7, 1e-3, -5e-8])])  # + a tail
+    grad = torch.cat([blocks_led_by_one(probes), blocks_led_by_one(roots.clamp(0.0, 1.0)),
+                      torch.tensor([1.0, 0.3, -0.7, 1e-3, -5e-8])])  # and a tail shorter than 8
     n = grad.numel()
+    assert torch.isin(OF.midpoints(OF.SIGNED_MAP), grad).all()  # ties included
     p = torch.nn.Parameter(torch.zeros(n))
     opt = optim.AdamW8bit([p], betas=(0.0, 0.0), weight_decay=0.0)
     p.grad = grad
