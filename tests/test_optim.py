@@ -604,16 +604,26 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or C is None or not
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", (1, 257, 4097, 1 << 20))
-def test_cuda_kernel_matches_cpu(dtype, n):
+@pytest.mark.parametrize("offset", (0, 1), ids=("aligned", "offset1"))
+def test_cuda_kernel_matches_cpu(dtype, n, offset):
+    """offset 0: the kernels' 16-byte accesses (and the scalar partial block / tail); offset 1: parameter and
+    gradient one element into their buffers, so the launchers fall back to element-wise access."""
     grads = [wide_grad(n, dtype, s) for s in range(3)]
     grads[1][n // 2] = float("inf")
+
+    def on_gpu(t):  # t's values at element `offset` of a CUDA buffer
+        buf = torch.zeros(n + offset, dtype=dtype, device="cuda")
+        buf[offset:] = t.cuda()
+        return buf[offset:]
+
     for cls in (optim.AdamW8bit, optim.PagedAdamW):
         pc, oc = run_steps(cls, dtype, n, 3, backend="native", grads=grads, min_8bit_size=256)
         torch.manual_seed(0)
-        pg = torch.nn.Parameter(torch.randn(n).to(dtype).cuda())
+        pg = torch.nn.Parameter(on_gpu(torch.randn(n).to(dtype)))
+        assert pg.data_ptr() % 16 == (0 if offset == 0 else pg.element_size())
         og = cls([pg], min_8bit_size=256)
         for g in grads:
-            pg.grad = g.cuda()
+            pg.grad = on_gpu(g)
             og.step()
         assert_same(pg.detach().cpu(), pc.detach(), f"{cls.__name__} param")
         for k in oc.state[pc]:
