@@ -1,8 +1,15 @@
 // CPU kernels of the fused AdamW steps. One call per tensor and step: a scan of the gradient for values that
 // would poison the states, then one pass over blocks of 256 values: dequantize both states, update in float32,
-// write the parameter in its dtype, requantize (absmax, codes). Per-block loops over small arrays so the
-// compiler vectorizes them; they are compiled three times (baseline, AVX2, AVX-512 through target attributes)
-// and chosen at run time from qk::cpu_isa(), like the NF4 kernels. std::thread chunks (cpu_threads.h).
+// write the parameter in its dtype, requantize (absmax, codes). The x86 paths are AVX2 intrinsics (8 lanes,
+// the same IEEE operations in the same order as optim_format.h, so the same bits), compiled for AVX2 and again
+// for AVX-512 through target attributes; the portable path is plain loops. Chosen at run time from
+// qk::cpu_isa(), like the NF4 kernels. std::thread chunks (cpu_threads.h).
+//
+// Where the time goes (AMD EPYC Zen 3, AVX2, one thread, 0.5M cache-resident float32 values, thread CPU time):
+// ~2.1-2.7 ms per step with the four table lookups per value (decode both maps, requantize both), ~0.6-0.9 ms
+// with them stubbed out; the rest is the update (2 divisions and a square root per value, IEEE-exact). Zen 3
+// gathers cost about as much as 8 scalar loads through L1, so the requantization lookups are scalar loads and
+// the decodes stay gathers (each measured the faster way round).
 #include <algorithm>
 #include <atomic>
 #include <cstring>
