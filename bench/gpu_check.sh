@@ -2,7 +2,9 @@
 # One-shot GPU check on a fresh machine (torch + triton preinstalled, no network), in under 8 minutes:
 #   1. install build wheels carried in .whl/ (if any), build + install this package (CUDA kernels included)
 #   2. the GPU tests (pytest -m gpu)
-#   3. the benchmarks present: bench_quant, bench_linear, bench_layer (JSON + PNG each)
+#   3. the benchmarks present: bench_optim (short sizes; its JSON kept out of $OUT, its table and the fused
+#      8-bit step's memory-floor check folded into the log and summary), bench_quant, bench_linear,
+#      bench_layer (JSON + PNG each)
 #   4. a short summary table
 # Results and the log go to $OUT (or bench/results when OUT is unset). Each step gets a time cap from what
 # is left of the total budget (QLORA_CHECK_BUDGET_S, default 460 s), so a slow step cannot eat the rest.
@@ -70,17 +72,20 @@ fi
 # 2. GPU tests (the package as installed; tests/ does not put python/ on the path)
 step gpu-tests 150 "$PY" -m pytest -m gpu tests -q -x -p no:cacheprovider -o addopts="" --durations=5
 
-# 3. benchmarks (those present)
+# 3. benchmarks (those present). The optimizer bench writes outside $OUT (8 files at most come back); the
+# summary below reads it from there.
+OPTIM_DIR="$(mktemp -d)"
+[[ -f bench/bench_optim.py ]] && step bench_optim 45 "$PY" -m bench.bench_optim --device cuda --sizes 16,64 --reps 5 --out "$OPTIM_DIR"
 [[ -f bench/bench_quant.py ]] && step bench_quant 60 "$PY" -m bench.bench_quant --out "$OUT" --skip-slow-reference
 [[ -f bench/bench_linear.py ]] && step bench_linear 170 "$PY" -m bench.bench_linear --out "$OUT" --budget-s 120
 [[ -f bench/bench_layer.py ]] && step bench_layer 70 "$PY" -m bench.bench_layer --out "$OUT" --no-model
 
 # 4. summary
-"$PY" - "$OUT" <<'EOF' 2>&1 | tee "$OUT/summary.txt" | tee -a "$LOG"
+"$PY" - "$OUT" "$OPTIM_DIR" <<'EOF' 2>&1 | tee "$OUT/summary.txt" | tee -a "$LOG"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for path in sorted(out.glob("*.json")):
+for path in sorted(out.glob("*.json")) + sorted(Path(sys.argv[2]).glob("optim-*.json")):
     data = json.loads(path.read_text())
     rows, meta = data.get("rows", []), data.get("meta", {})
     print(f"== {path.name}: {meta.get('device')} torch {meta.get('torch')} triton {meta.get('triton')} "
@@ -97,6 +102,16 @@ for path in sorted(out.glob("*.json")):
                   f"{ms('bf16-lora'):>9} {f.get('speedup', 0):>6.2f} {f.get('%copy', 0):>6.1f} {f.get('%matmul', 0):>5.1f}")
         for k, v in meta.get("crossover", {}).items():
             print(f"crossover {k}: {v}")
+    elif data.get("family") == "optim":
+        # issue 11's GPU target: the fused 8-bit step within 1.3x of its memory floor (params, grads and states
+        # read + written, at the best copy bandwidth measured in the same run)
+        for r in rows:
+            print(f"{r['case']:<16} {r['impl']:<34} {r['median_ms']:9.3f} ms  x_floor {r.get('x_floor', 0):6.2f}  "
+                  f"state {r['state_B/param']:.3f} B/param  speedup {r.get('speedup', 0):6.2f}")
+        for r in rows:
+            if r["impl"] == "qlora_kernels AdamW8bit":
+                verdict = "PASS" if r.get("x_floor", 99) <= 1.3 else "MISS"
+                print(f"memory floor {r['case']}: fused 8-bit step at {r.get('x_floor', 0):.2f}x (target <= 1.3): {verdict}")
     else:
         for r in rows[:40]:
             print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()

@@ -131,14 +131,24 @@ QK_HD uint8_t state_code(float s, int32_t base, float mid_at_base) {
 }
 
 // ---- parameter dtypes --------------------------------------------------------------------------------------
+// float32 -> the bits of a 16-bit parameter dtype (DT != kFloat32).
+template <int DT>
+QK_HD uint16_t bits16_from_float(float v) {
+  if (DT == kFloat16) return float_to_half_bits(v);
+  // NaN -> 0x7fc0 as torch does (the rounding add could carry a NaN's payload into the sign)
+  return abs_bits(v) > 0x7f800000u ? (uint16_t)0x7fc0u : float_to_bf16_bits(v);
+}
+template <int DT>
+QK_HD float float_from_bits16(uint16_t b) {
+  return DT == kFloat16 ? half_bits_to_float(b) : bf16_bits_to_float(b);
+}
+
 template <int DT>
 QK_HD void store_from_float(void* p, int64_t i, float v) {
   if (DT == kFloat32) {
     static_cast<float*>(p)[i] = v;
-  } else if (DT == kFloat16) {
-    static_cast<uint16_t*>(p)[i] = float_to_half_bits(v);
-  } else {  // NaN -> 0x7fc0 as torch does (the rounding add could carry a NaN's payload into the sign)
-    static_cast<uint16_t*>(p)[i] = abs_bits(v) > 0x7f800000u ? (uint16_t)0x7fc0u : float_to_bf16_bits(v);
+  } else {
+    static_cast<uint16_t*>(p)[i] = bits16_from_float<DT>(v);
   }
 }
 
