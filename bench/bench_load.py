@@ -93,8 +93,8 @@ elif method == "bf16 mmap load + quantize only":
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)
     spent["hf_load_s"] = time.perf_counter() - t0
     nf4 = [ck.quantize_nf4(model.get_submodule(name).weight.detach(), blocksize=64, double_quant=True)
-           for name in qk.model.find_target_modules(model, "all-linear")]
-    model = None
+           for name in qk.model.find_target_modules(model, "all-linear")]  # kept: the peak counts them
+    model = None  # not a usable model: no model bytes, no bound
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)
     spent["hf_load_s"] = time.perf_counter() - t0
