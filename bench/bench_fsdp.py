@@ -8,7 +8,13 @@ activations, gathered layers, gradients, optimizer states all included), and the
 AdamW on the adapters; median with p20-p80 over the steps after one warm-up). The global batch is the same for
 both world sizes (each of 2 ranks takes half). Processes: gloo on 127.0.0.1, one thread each. On a 2-core
 machine shared with other jobs, the two ranks compete with everything else: step times are noisy.
-No GPU path is measured here: a 2-process run on one GPU says nothing about NCCL across GPUs (untested).
+No GPU path is measured here: a 2-process run on one GPU says nothing about NCCL across GPUs. The NCCL path
+is untested until 2 GPUs exist.
+
+Then the projection (`--project-only` skips the measurement): per-rank device memory of a QLoRA step for
+llama-3-70b and llama-65b on N = 1, 2, 4, 8 GPUs, from plan_memory's terms and the per-rank accounting the
+measured rows follow (checked first on the measured model: its planned bytes held per rank against the
+measured parameters + buffers at world 1 and 2). The assumptions are printed with the table.
 """
 
 from __future__ import annotations
@@ -127,13 +133,117 @@ def _entry(rank, world, port, args, out_dir):
         dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------------------ the projection
+PROJECT_MODELS = ("llama-3-70b", "llama-65b")
+PROJECT_WORLDS = (1, 2, 4, 8)
+PROJECT = dict(r=64, seq_len=512, batch_size=1, optimizer="paged_adamw_32bit", gradient_checkpointing=True)
+GATHERED_LAYERS = 2  # FSDP2 holds the current decoder layer unsharded and prefetches the next
+
+ASSUMPTIONS = [
+    "plan_memory's terms for one GPU (r=64 on every Linear but lm_head, float32 adapters, bf16 compute, seq 512, "
+    "batch 1 per rank, gradient checkpointing, paged_adamw_32bit, CUDA context + 5% fragmentation allowance)",
+    "sharded over N ranks (FSDP2 on each decoder layer and the root, as qk.shard_model): NF4 codes and scale codes, "
+    "dense modules (embeddings, norms, lm_head), LoRA weights, their gradients and optimizer states: 1/N each; "
+    "nested scales and offsets replicated (the accounting of the measured rows: params + buffers held per rank)",
+    f"gathered during the step, on top: the root's dense modules in full (embeddings and lm_head are all-gathered "
+    f"around the root's forward and backward) and {GATHERED_LAYERS} decoder layers' NF4 + LoRA weights (the current "
+    "one and the prefetched next), plus one layer's LoRA gradients before their reduce-scatter: the (N-1)/N not held",
+    "activations, logits and the backward / optimizer transients: each rank runs its own batch-1 micro-batch, as "
+    "on one GPU (not divided by N); the plan's net backward-peak row counted at no less than zero (an upper bound)",
+    "NOT measured: no run on GPUs; the NCCL path is untested until 2 GPUs exist",
+]
+
+
+def held_bytes(plan, world: int) -> float:
+    """Parameters + buffers a rank holds between steps (what the measured rows report)."""
+    t, c = plan.terms, plan.counts
+    repl = c["nf4_replicated_bytes"]
+    return (t["NF4 weights + scales"] - repl + t["dense modules (embeddings, norms, lm_head)"]
+            + t["LoRA weights"]) / world + repl
+
+
+def project(plan, world: int) -> dict:
+    t, c = plan.terms, plan.counts
+    layers = c["num_layers"]
+    repl = c["nf4_replicated_bytes"]
+    states = next(v for k, v in t.items() if k.startswith("optimizer states"))
+    held = held_bytes(plan, world)
+    train = (t["LoRA gradients"] + states) / world
+    layer = (t["NF4 weights + scales"] - repl + t["LoRA weights"]) / layers
+    gathered = (t["dense modules (embeddings, norms, lm_head)"] + GATHERED_LAYERS * layer
+                + t["LoRA gradients"] / layers) * (1 - 1 / world)
+    # the plan's backward-peak row is net of the LoRA gradients not yet made at that peak (all of them, on one
+    # GPU); sharded, those are 1/N: count the row at no less than zero (an upper bound)
+    act = sum(max(0, v) if k.startswith("backward peak") else v for k, v in t.items()
+              if k.startswith(("saved activations", "logits", "backward peak", "optimizer step temporaries")))
+    tensors = held + train + gathered + act
+    from qlora_kernels.planner import CUDA_CONTEXT_BYTES, FRAGMENTATION
+
+    total = tensors + CUDA_CONTEXT_BYTES + FRAGMENTATION * tensors
+    gib = 2**30
+    return {"world": world, "held_GiB": held / gib, "grads_states_GiB": train / gib, "gathered_GiB": gathered / gib,
+            "activations_GiB": act / gib, "total_GiB": total / gib}
+
+
+def projection(measured_rows: list, small_args) -> dict:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    import transformers
+
+    from qlora_kernels.planner import plan_memory
+
+    inter = small_args.hidden * 11 // 4 // 64 * 64
+    cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=small_args.hidden, intermediate_size=inter,
+                                   num_hidden_layers=small_args.layers, num_attention_heads=4, num_key_value_heads=4,
+                                   max_position_embeddings=SEQ)
+    small = plan_memory(cfg, r=16, seq_len=SEQ, batch_size=BATCH, compute_dtype=torch.float32, device="cpu")
+    check = []
+    for r in measured_rows:
+        planned = held_bytes(small, r["world"]) / 2**20
+        check.append({"world": r["world"], "rank": r["rank"], "planned_held_MiB": planned,
+                      "measured_param_and_buffer_MiB": r["param_and_buffer_MiB"]})
+    rows = []
+    for name in PROJECT_MODELS:
+        plan = plan_memory(name, device="cuda", **PROJECT)
+        for w in PROJECT_WORLDS:
+            rows.append({"model": name, **project(plan, w)})
+    return {"assumptions": ASSUMPTIONS, "settings": PROJECT, "check_on_measured_model": check, "rows": rows}
+
+
+def print_projection(proj: dict) -> None:
+    print("\nper-rank accounting on the measured model (held = parameters + buffers):")
+    for c in proj["check_on_measured_model"]:
+        print(f"  world {c['world']} rank {c['rank']}: planned {c['planned_held_MiB']:.2f} MiB, "
+              f"measured {c['measured_param_and_buffer_MiB']:.2f} MiB")
+    print("\nprojection, per rank, GiB (assumptions below):")
+    print("model | N | held | grads + states | gathered in step | activations | total")
+    for r in proj["rows"]:
+        print(f"{r['model']} | {r['world']} | {r['held_GiB']:.2f} | {r['grads_states_GiB']:.2f} | "
+              f"{r['gathered_GiB']:.2f} | {r['activations_GiB']:.2f} | {r['total_GiB']:.2f}")
+    for a in proj["assumptions"]:
+        print(f"  - {a}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--project-only", action="store_true",
+                    help="keep the measured rows of the existing fsdp-cpu.json, recompute the projection")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.project_only:
+        data = json.loads((out / "fsdp-cpu.json").read_text())
+        data["projection"] = projection(data["rows"], argparse.Namespace(**data["args"]))
+        print_projection(data["projection"])
+        (out / "fsdp-cpu.json").write_text(json.dumps(data, indent=2))
+        print(f"wrote {out / 'fsdp-cpu.json'}")
+        return
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,11 +263,13 @@ def main():
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = device_meta("cpu")
+    proj = projection(rows, args)
+    print_projection(proj)
     path = out / "fsdp-cpu.json"
-    path.write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
+    args_d = {k: v for k, v in vars(args).items() if k != "project_only"}
+    path.write_text(json.dumps({"meta": meta, "args": args_d, "rows": rows, "projection": proj}, indent=2))
     print(f"wrote {path}")
 
 

@@ -4,7 +4,8 @@ Two spawned runs cover everything (each process: one thread, a process-group tim
   run A: per-rank shard shapes and bytes (uneven rows padded), exact bytes after unshard, bf16 mixed precision
          leaving the uint8 codes untouched (a float32 storage of the same bytes is corrupted), LoRA training
          equal to single-process full-batch training (reshard_after_forward True / False, activation
-         checkpointing), the full state dict gathered to rank 0, and a torch.distributed.checkpoint save.
+         checkpointing, each layer torch.compile'd), the full state dict gathered to rank 0, and a
+         torch.distributed.checkpoint save.
   run B: meta-device init + load_from_rank0, and a rank hitting a bad input failing instead of hanging.
   run C: DistributedDataParallel (DDP keeps working): rank 0's NF4 buffers broadcast, LoRA gradients
          all-reduced, both ranks' adapters identical after steps on different data.
@@ -207,14 +208,20 @@ def _run_a(rank, world, out_dir):
     res["float_storage_exact"] = torch.equal(got["w"].float().view(torch.uint8).reshape(-1),
                                              codes[: codes.numel() // 4 * 4])
 
-    # --- training: each rank its half of the batch
+    # --- training: each rank its half of the batch; once with each layer torch.compile'd (fullgraph: no graph
+    # break allowed; aot_eager: dynamo + AOTAutograd as inductor would see them, without its C++ build time)
     trained = {}
-    for reshard, ac in ((True, False), (False, False), (True, True)):
+    for reshard, ac, compiled in ((True, False, False), (False, False, False), (True, False, True),
+                                  (True, True, False)):
         model = make_model()
-        qd.shard_model(model, reshard_after_forward=reshard, activation_checkpointing=ac, verbose=False)
+        qd.shard_model(model, reshard_after_forward=reshard, activation_checkpointing=ac, verbose=False,
+                       compile=dict(backend="aot_eager", fullgraph=True) if compiled else False)
+        torch._dynamo.utils.counters.clear()
         train(model, xr, yr)
-        trained[(reshard, ac)] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
-                                  for k, v in model.state_dict().items() if "lora_" in k}
+        if compiled:
+            res["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        trained[(reshard, ac, compiled)] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+                                            for k, v in model.state_dict().items() if "lora_" in k}
     res["trained"] = trained
 
     # --- state dicts of the last trained model
@@ -297,6 +304,9 @@ def test_lora_training_matches_single_process_full_batch(run_a):
             err = (trained[key] - want).abs().max().item()
             assert err <= tol, f"{key} {config}: {err:.3g} > {tol:.3g}"
             assert torch.equal(trained[key], res[1]["trained"][config][key])
+    assert len(res[0]["trained"]) == 4
+    for r in res:  # the compiled run did compile: one graph per layer (double quantization on / off)
+        assert r["compiled_graphs"] == 2, r["compiled_graphs"]
 
 
 def test_full_state_dict_loads_single_process_and_in_bitsandbytes(run_a):
@@ -313,7 +323,7 @@ def test_full_state_dict_loads_single_process_and_in_bitsandbytes(run_a):
         w = qk.NF4Weight.from_state_dict(full, prefix=n + ".weight")
         assert torch.equal(w.packed, r.weight_packed) and torch.equal(w.absmax, r.weight_absmax), n
         assert torch.equal(m.weight_packed, r.weight_packed) and torch.equal(m.weight_absmax, r.weight_absmax), n
-    trained = res[0]["trained"][(True, True)]
+    trained = res[0]["trained"][(True, True, False)]
     for k, v in trained.items():
         assert torch.equal(full[k], v), k
     bnb = pytest.importorskip("bitsandbytes")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -193,7 +193,7 @@ def _default_mesh(model: nn.Module):
 
 def shard_model(model: nn.Module, mesh=None, *, layers: Optional[Iterable[nn.Module]] = None, mp_policy=None,
                 reshard_after_forward: bool = True, activation_checkpointing: bool = False,
-                verbose: bool = True) -> nn.Module:
+                compile: Union[bool, dict] = False, verbose: bool = True) -> nn.Module:
     """Shard a prepared model with FSDP2: `fully_shard` on each layer, then on the root. In place.
 
     Args:
@@ -206,6 +206,12 @@ def shard_model(model: nn.Module, mesh=None, *, layers: Optional[Iterable[nn.Mod
         reshard_after_forward: free each layer's gathered parameters after its forward (re-gather in backward).
         activation_checkpointing: recompute each layer's activations in backward (composable checkpoint; keeps
             the parameter names).
+        compile: torch.compile each layer after fully_shard (`layer.compile(**compile)`; True: torch.compile's
+            defaults), as torchtitan does per transformer block. Dynamo skips FSDP2's hooks
+            (torch._dynamo.config.skip_fsdp_hooks): the all-gathers run eagerly around each compiled layer,
+            whose graph sees the gathered uint8 codes as plain tensors and the NF4 ops through their fake
+            implementations. tests/test_fsdp.py trains with fullgraph=True (no graph break), backend
+            aot_eager, on two gloo processes; the inductor backend gave the same adapters (checked by hand).
         verbose: say once (rank 0) which layers stay replicated.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -216,6 +222,8 @@ def shard_model(model: nn.Module, mesh=None, *, layers: Optional[Iterable[nn.Mod
         raise ValueError(f"{type(model).__name__} has no QLoRALinear: call prepare_model(model) before shard_model")
     if not isinstance(reshard_after_forward, bool):
         raise TypeError(f"reshard_after_forward must be a bool, got {reshard_after_forward!r}")
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
     mesh = _default_mesh(model) if mesh is None else mesh
     replicated = to_row_layout(model)
     if replicated and verbose and dist.get_rank() == 0:
@@ -233,6 +241,8 @@ def shard_model(model: nn.Module, mesh=None, *, layers: Optional[Iterable[nn.Mod
 
             checkpoint(layer)
         fully_shard(layer, **kwargs)
+        if compile is not False:
+            layer.compile(**({} if compile is True else compile))
     fully_shard(model, **kwargs)
     return model
 

@@ -5,7 +5,10 @@ from a config, target Linear modules swapped for QLoRALinear): NF4 weights and s
 weights, their gradients, optimizer states. Activations are not guessed from a per-architecture formula:
 one training step (forward with labels, backward) of the same module tree runs on fake tensors (no data,
 no compute) under a tracker of live tensor storages, with 2 and 3 decoder layers; the per-layer difference
-extrapolates to the full depth (decoder layers are identical). The same tracker measures real steps on the
+extrapolates to the full depth (decoder layers are identical). The optimizer step is simulated the same way:
+the optimizer the name stands for steps twice on the fake LoRA parameters and their gradients under the
+tracker, which gives its states (what is left after a step) and the temporaries of a step (its peak above
+that), for torch's foreach, fused and single-tensor AdamW alike. The same tracker measures real steps on the
 CPU, which is how the planner is validated (tests/test_planner.py, bench/bench_plan.py).
 """
 
@@ -30,7 +33,8 @@ from .model import find_target_modules
 from .nn import QLoRALinear
 from .weight import NF4Weight
 
-__all__ = ["plan_memory", "MemoryPlan", "LiveTensorTracker", "PRESETS", "OPTIMIZERS", "parse_bytes"]
+__all__ = ["plan_memory", "MemoryPlan", "LiveTensorTracker", "PRESETS", "OPTIMIZERS", "parse_bytes",
+           "make_optimizer"]
 
 GiB = 2**30
 
@@ -49,7 +53,8 @@ PRESETS = {
                         num_attention_heads=64),
 }
 
-# Optimizer states per trainable parameter. "8bit": bitsandbytes' blockwise states (blocks of 256, one float32
+# Optimizer states per trainable parameter (the layout `_optimizer_state_bytes` writes down; the plan itself
+# simulates the step, see _simulate_optimizer). "8bit": bitsandbytes' blockwise states (blocks of 256, one float32
 # absmax per block per state; tensors under 4096 elements keep float32 states). "paged": the states live in
 # CUDA managed memory; they are counted on the device (where they sit when it has room).
 OPTIMIZERS = {
@@ -220,6 +225,52 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
+def make_optimizer(optimizer: str, params: list, device: str = "cuda", foreach: Optional[bool] = None):
+    """The optimizer a name stands for, as the plan simulates it (and as a real step can be measured against).
+
+    transformers' torch names are torch.optim.AdamW: "adamw_torch_fused" fused, the others foreach when
+    `foreach` says so (None: torch's default, foreach on a CUDA device, single-tensor on the CPU). bitsandbytes'
+    names are this package's optimizers with the same state layout and one fused kernel per tensor:
+    the 32-bit ones PagedAdamW (paging moves the states, it does not change their bytes), the 8-bit ones
+    AdamW8bit. "sgd" is torch.optim.SGD without momentum (no state), as transformers builds it.
+    """
+    from . import optim as qk_optim
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    kind, _ = OPTIMIZERS[optimizer]
+    if kind == "none":
+        return torch.optim.SGD(params, lr=1e-3)
+    if kind == "param":
+        if optimizer == "adamw_torch_fused":
+            return torch.optim.AdamW(params, lr=1e-3, fused=True)
+        return torch.optim.AdamW(params, lr=1e-3, foreach=(device == "cuda") if foreach is None else foreach)
+    return (qk_optim.AdamW8bit if kind == "8bit" else qk_optim.PagedAdamW)(params, lr=1e-3)
+
+
+def _optimizer_allocates_like_params(opt) -> bool:
+    """torch.optim makes its states like the parameters (zeros_like: fake when they are) and reads its step
+    counters on the host (.item(): impossible on a fake tensor), so it steps with the fake mode off; this
+    package's optimizers allocate with torch.zeros(device=...) and step inside it."""
+    return isinstance(opt, (torch.optim.AdamW, torch.optim.SGD))
+
+
+def _simulate_optimizer(params: list, opts: dict, tracker: "LiveTensorTracker", fake) -> dict:
+    """Two optimizer steps over `params` (their .grad set), the second one measured: the states it keeps
+    (bytes alive after a step, counters included) and the temporaries of a step (its peak above them)."""
+    opt = make_optimizer(opts["optimizer"], params, opts["device"], opts.get("foreach"))
+    mode = contextlib.nullcontext() if _optimizer_allocates_like_params(opt) else fake
+    before = tracker.current
+    with mode, tracker:
+        opt.step()  # creates the states
+        states = tracker.current - before
+        tracker.reset_peak()
+        opt.step()
+    temporaries = tracker.peak - tracker.current
+    del opt
+    return dict(states=states, step_temporaries=temporaries)
+
+
 def _optimizer_state_bytes(params: list, optimizer: str) -> int:
     kind, _ = OPTIMIZERS[optimizer]
     total = 0
@@ -229,10 +280,12 @@ def _optimizer_state_bytes(params: list, optimizer: str) -> int:
             continue
         if kind == "param":  # torch AdamW: exp_avg, exp_avg_sq like the parameter, and a float32 step
             total += 2 * _nbytes(p) + 4
-        elif kind == "fp32" or (kind == "8bit" and n < 4096):
+            continue
+        if kind == "fp32" or (kind == "8bit" and n < 4096):
             total += 8 * n
         else:
             total += 2 * n + 2 * 4 * -(-n // 256)
+        total += 16  # int64 step and skipped counters (qlora_kernels.optim)
     return total
 
 
@@ -296,6 +349,7 @@ def plan_memory(
     double_quant: bool = True,
     device: str = "cuda",
     device_memory=None,
+    foreach: Optional[bool] = None,
 ) -> MemoryPlan:
     """Plan the device memory of one QLoRA training step (forward with labels, backward, optimizer step).
 
@@ -312,6 +366,8 @@ def plan_memory(
         device: "cuda" (fused Triton linear, no dequantize scratch; adds the context + fragmentation allowance)
             or "cpu" (the native path dequantizes W to a scratch buffer; no allowance).
         device_memory: bytes or "48GB" (GiB): fills fits, max_seq_len and max_batch_size.
+        foreach: torch AdamW's implementation (None: torch's default for `device`, foreach on "cuda"; its
+            temporaries hold a float32 copy of every state at once, single-tensor ones only the largest).
     Returns:
         MemoryPlan with terms (name -> bytes) summing to total_bytes.
     """
@@ -327,7 +383,7 @@ def plan_memory(
         raise ValueError("config_or_model: a model without a transformers .config cannot be planned")
     opts = dict(r=r, target_modules=target_modules, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype, adapter_dtype=adapter_dtype or compute_dtype, optimizer=optimizer,
-                gradient_checkpointing=gradient_checkpointing, device=device)
+                gradient_checkpointing=gradient_checkpointing, device=device, foreach=foreach)
     static = _static_terms(config, opts)
     dev_mem = None if device_memory is None else parse_bytes(device_memory)
     sim = _Simulator(config, opts)
@@ -404,6 +460,10 @@ def _static_terms(config, opts) -> dict:
                 states=_optimizer_state_bytes(lora, opts["optimizer"]),
                 largest_lora=max((_nbytes(p) for p in lora), default=0),
                 counts=dict(nf4_params=sum(m.in_features * m.out_features for m in layers.values()),
+                            # nested scales and offsets: what FSDP2 leaves replicated (distributed.py)
+                            nf4_replicated_bytes=sum(_nbytes(t) for m in layers.values()
+                                                     for t in (m.weight_nested_absmax, m.weight_offset)
+                                                     if t is not None),
                             nf4_layers=len(layers), dense_params=dense_params,
                             lora_params=sum(p.numel() for p in lora), num_layers=config.num_hidden_layers))
 
@@ -414,10 +474,14 @@ def _assemble(static, act, opts) -> tuple:
         "dense modules (embeddings, norms, lm_head)": static["dense"],
         "LoRA weights": static["lora"],
         "LoRA gradients": static["grads"],
-        f"optimizer states ({opts['optimizer']})": static["states"],
+        f"optimizer states ({opts['optimizer']})": act["states"],
         "saved activations" + (" (checkpointed)" if opts["gradient_checkpointing"] else ""): act["saved"],
         "logits and loss": act["logits"],
         "backward peak over the above (net)": act["transient"],
+        # the step runs after backward freed the activations: it raises the peak only by what its temporaries
+        # exceed the activation terms above by
+        "optimizer step temporaries beyond that": max(
+            0, act["step_temporaries"] - act["saved"] - act["logits"] - act["transient"]),
     }
     if opts["device"] == "cuda":
         tensors = sum(terms.values())
@@ -449,7 +513,7 @@ class _Simulator:
 
         opts = self.opts
         model = _meta_model(self.config, opts, layers)
-        fake = FakeTensorMode()
+        fake = FakeTensorMode(allow_non_fake_inputs=True)  # torch's optimizers keep step counters real
         with fake:
             for module in model.modules():
                 for store in (module._parameters, module._buffers):
@@ -490,7 +554,9 @@ class _Simulator:
         # the peak of the step above what persists (weights) and what the other terms count
         transient = tracker.peak - base - saved - logits - grads
         # net: it is negative when LoRA gradients not yet allocated at the peak outweigh the transients
-        return dict(saved=saved, logits=logits, transient=transient)
+        del loss
+        step = _simulate_optimizer([p for p in model.parameters() if p.requires_grad], opts, tracker, fake)
+        return dict(saved=saved, logits=logits, transient=transient, **step)
 
 
 @contextlib.contextmanager
