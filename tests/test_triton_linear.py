@@ -301,6 +301,8 @@ def test_dispatch_rules():
     cross = d.crossover_m(4096, 4096, 16, 9)
     assert 4096 < cross < 16384, cross
     assert d.crossover_m(4096, 4096, 0, 9) <= cross  # LoRA's extra addmm favours the fused kernel
+    # an unmeasured eta is capped (sm_80's model says 1.0): very large M still goes to dequant + cuBLAS
+    assert d.crossover_m(4096, 4096, 16, 8) < 16384
     # every table config fits its constraints after fitting to odd shapes
     for (op, cap, bucket), cfg in d.HEURISTICS.items():
         for K, bs in ((4096, 64), (4100, 64), (4097, 32), (96, 128)):

@@ -34,8 +34,9 @@ instruction per scheduler per clock, no stalls). With P = 788 TFLOP/s and BW = 4
 this workplace's H200) and eta = 0.895, `crossover_m` gives for N = K = 4096: M* = 2366 (r = 0), 10153
 (r = 16), 7340 (r = 64); 8192 x 8192, r = 16: 3405; 14336 x 4096, r = 16: 8027. So M <= 16 -> decode, M up
 to a few thousand -> fused, larger M -> dequant + cuBLAS. On sm_80 the model puts the forward at the
-tensor-core bound (eta = 1.0: mma.sync time exceeds the issue time), so it never picks dequant + cuBLAS
-there; both eta are unmeasured upper bounds. Measured crossovers go into MEASURED_CROSSOVER, which
+tensor-core bound (eta = 1.0: mma.sync time exceeds the issue time); both eta are unmeasured upper bounds,
+so routing caps them at UNMEASURED_EFF_CAP = 0.9 until a measured value (DEVICE_MODEL[cap]["measured"] =
+True) replaces them. Measured crossovers go into MEASURED_CROSSOVER, which
 takes precedence over the model.
 """
 
@@ -65,6 +66,10 @@ DEVICE_MODEL = {
     9: dict(peak_tflops=788.0, copy_gbs=4300.0, fused_eff=0.895, launch_us=2.0),
     8: dict(peak_tflops=280.0, copy_gbs=1800.0, fused_eff=1.0, launch_us=3.0),
 }
+# The static model has no stalls, so it can only overrate the fused kernel (sm_80 reads 1.0: tensor-core
+# bound). Until bench_linear measures eta, routing uses at most this: at large M a wrong "dequant" costs the
+# dequantize pass (a few % of the GEMM), a wrong "fused" costs the whole gap to cuBLAS.
+UNMEASURED_EFF_CAP = 0.9
 # Measured crossovers (from bench/results/linear-*.json "crossover"): (capability, op, N, K) -> the first M at
 # which dequant + cuBLAS beats the fused kernel. Consulted before the model. Empty: nothing measured yet.
 MEASURED_CROSSOVER: dict[tuple, int] = {}
@@ -76,7 +81,8 @@ _plan_override: Optional[str | Callable] = None
 def predict_seconds(plan: str, M: int, N: int, K: int, r: int, cap: int = 9, bytes_per_act: int = 2) -> float:
     """Roofline estimate of one forward (or dx) call for plan "fused" or "dequant" (see module docstring)."""
     m = DEVICE_MODEL.get(cap, DEVICE_MODEL[8])
-    P, BW, eta, launch = m["peak_tflops"] * 1e12, m["copy_gbs"] * 1e9, m["fused_eff"], m["launch_us"] * 1e-6
+    P, BW, launch = m["peak_tflops"] * 1e12, m["copy_gbs"] * 1e9, m["launch_us"] * 1e-6
+    eta = m["fused_eff"] if m.get("measured") else min(m["fused_eff"], UNMEASURED_EFF_CAP)
     e = bytes_per_act
     w4 = N * K * 4.127 / 8
     if plan == "fused":
