@@ -24,6 +24,7 @@ Writes bench/results/cuda-sass-sm<cap>.json (a list of records) unless --out say
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import json
 import os
@@ -84,6 +85,7 @@ def compile_cubin(cap: int, source: Path = SOURCE) -> tuple[bytes, str]:
         return out.read_bytes(), res.stderr
 
 
+@functools.lru_cache(maxsize=8)
 def sass_of(binary: Path, cap: int) -> str:
     tool = cuobjdump()
     if tool is None:
