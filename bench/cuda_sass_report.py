@@ -1,6 +1,6 @@
 """The native CUDA NF4 kernels (csrc/nf4_cuda.cu) read from their SASS: what one thread issues per value.
 
-    python -m bench.cuda_sass_report [--caps 90,80] [--source FILE | --so PATH] [--out DIR] [--save [TAG]]
+    python -m bench.cuda_sass_report [--caps 90,80] [--source FILE | --so PATH] [--out DIR] [--tag -before]
 
 No GPU needed. The SASS comes from `nvcc -cubin` of the source (default csrc/nf4_cuda.cu, with the build's
 flags: -O3 --fmad=false -Xptxas -v, so registers and spills come from ptxas) or, with --so, from
@@ -201,7 +201,7 @@ def blocks(instrs: list[tuple[int, str]]):
     return spans, succ
 
 
-def shortest_path(spans, succ, must: list[int], avoid: set[int] = frozenset()) -> list[int] | None:
+def shortest_path(spans, succ, must: list[int], avoid: set[int] = frozenset(), texts_of=()) -> list[int] | None:
     """Block sequence entry -> must[0] -> must[1] ... -> an EXIT block, fewest instructions (Dijkstra per leg),
     never entering a block of `avoid`."""
     size = [e - s for s, e in spans]
@@ -236,7 +236,8 @@ def shortest_path(spans, succ, must: list[int], avoid: set[int] = frozenset()) -
             return None
         path += seg[1:]
         cur = m
-    seg = leg(cur, lambda b: not succ[b])
+    ends = {b for b, (s, e) in enumerate(spans) if not succ[b] or opcode(texts_of[e - 1]).startswith("EXIT")}
+    seg = leg(cur, lambda b: b in ends)  # an EXIT, predicated ones included (the aligned path takes them)
     if seg is None:
         return None
     return path + seg[1:]
@@ -306,7 +307,7 @@ def analyse(name: str, instrs: list[tuple[int, str]]) -> dict:
     # correctly rounded reciprocal / division, atomics (non-finite input). Shortest alone would take the
     # partial block's code, which skips values past the end.
     avoid = {k for k in reach if any(re.match(AVOID, opcode(texts[i])) for i in range(*spans[k]))} - set(must)
-    path = shortest_path(spans, succ, must, avoid) if must else None
+    path = shortest_path(spans, succ, must, avoid, texts) if must else None
     rec: dict = {"function": name}
     if path is not None:
         ptexts = [texts[i] for b in path for i in range(*spans[b])]
@@ -396,10 +397,14 @@ def main(argv=None) -> int:
     ap.add_argument("--so", type=Path, default=None, help="read a built extension instead of compiling --source")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--tag", default="", help="file name suffix, e.g. -before")
+    ap.add_argument("--label", default=None, help="what the records' `origin` says instead of the command")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     for cap in (int(c) for c in args.caps.split(",")):
         recs = report(cap, args.source, args.so)
+        if args.label:
+            for r in recs:
+                r["origin"] = args.label
         print(table(recs))
         print()
         if not args.no_save:

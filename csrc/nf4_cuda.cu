@@ -187,7 +187,7 @@ __device__ __forceinline__ float tab_at(uint32_t tab, uint32_t x, int j) {
 }
 
 template <int DT, bool NESTED>
-__global__ void __launch_bounds__(kDThreads)
+__global__ void __launch_bounds__(kDThreads, 2048 / kDThreads)  // <= 32 registers: 8 CTAs per SM
     dequantize_nf4_kernel(void* __restrict__ out, const uint8_t* __restrict__ packed, const void* __restrict__ absmax,
                           const float* __restrict__ nested, const float* __restrict__ offset,
                           const float* __restrict__ dmap, int64_t n, int log2bs, bool vec) {

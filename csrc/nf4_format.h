@@ -203,17 +203,6 @@ QK_HD float nf4_value(int c) {
   return (c & 8) ? hi : lo;
 }
 
-// a > b ? 0xffffffff : 0 (false for NaN): on the device one FSET, which a LOP3 then masks and ORs in.
-QK_HD uint32_t gt_mask(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  uint32_t m;
-  asm("set.gt.u32.f32 %0, %1, %2;" : "=r"(m) : "f"(a), "f"(b));
-  return m;
-#else
-  return a > b ? 0xffffffffu : 0u;
-#endif
-}
-
 // Midpoint j (0..14) = kNF4Mid[j] without indexing an array: (T[j] + T[j + 1]) / 2, exact (midpoints_ok).
 QK_HD float nf4_mid(int j) { return f_mul(f_add(nf4_value(j), nf4_value(j + 1)), 0.5f); }
 
@@ -227,7 +216,7 @@ QK_HD uint8_t nf4_code(float s) {
 }
 
 // The same code as nf4_code by a 4-level binary search over the 15 midpoints: 4 compares, 3 table reads and
-// 4 ORs, no branch, instead of 15 compares and 15 adds (the CUDA quantize kernel; the CPU's portable path
+// 4 predicated ORs, no branch, instead of 15 compares and 15 adds (the CUDA quantize kernel; the CPU's portable path
 // runs it too, so the CPU tests cover it). mid(a) reads midpoint j at address a = base + 4j (base 256-aligned:
 // the running address carries the code bits 4c, so each level is compare + OR, and the reads take immediate
 // offsets): kNF4Mid on the host, a shared-memory copy on the device. Equal to nf4_code for every float: both
