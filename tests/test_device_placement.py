@@ -88,6 +88,17 @@ def test_device_table_one_entry_per_gpu_spelling(monkeypatch):
     assert made == [torch.device("cuda", 0)]
 
 
+def test_missing_table_during_capture_is_a_clear_error(monkeypatch):
+    """A table still missing while a CUDA graph is captured: a RuntimeError that says what to do, not the
+    driver's "operation not permitted when stream is capturing"."""
+    monkeypatch.setattr(_format, "_device_tables", {})
+    monkeypatch.setattr(_format, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"'map' table does not exist on cuda:0 .* before capturing"):
+        _format.device_table("map", torch.device("cuda", 0))
+    _format.prepare_device(torch.device("cuda", 0))  # makes nothing while capturing (and does not raise)
+    assert not _format._device_tables
+
+
 # ------------------------------------------------------------------------------------ device guard (CPU)
 def test_native_cuda_launch_runs_on_the_tensors_device(monkeypatch):
     """A native CUDA launch for a tensor on cuda:1 runs with cuda:1 current (and that device's stream), then

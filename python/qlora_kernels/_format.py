@@ -129,11 +129,22 @@ def device_table(name: str, device) -> torch.Tensor:
         device = torch.device("cuda", torch.cuda.current_device())
     key = (name, device)
     if key not in _device_tables:
+        if device.type == "cuda" and _capturing():
+            raise RuntimeError(
+                f"qlora_kernels: the {name!r} table does not exist on {device} yet, and a CUDA graph is being "
+                "captured (its host -> device copy cannot be captured). Move the NF4 weight or layer to the device "
+                "(.to(device)) before capturing, or call qlora_kernels._format.prepare_device(device)"
+            )
         table = {"nf4": NF4_TABLE, "map": DYNAMIC_MAP, "lut": DYNAMIC_LUT}[name].to(device)
         if _is_fake(table):  # made while tracing (torch.compile, FSDP's meta init): not a real tensor to keep
             return table
         _device_tables[key] = table
     return _device_tables[key]
+
+
+def _capturing() -> bool:
+    """A CUDA graph is being captured on the current stream (False on a build or machine without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -153,7 +164,7 @@ def prepare_device(device) -> None:
     device = torch.device(device)
     if device.type == "meta":
         return
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a copy here would break capture
+    if device.type == "cuda" and _capturing():  # a copy here would break the capture
         return
     for name in ("nf4", "map"):
         device_table(name, device)
