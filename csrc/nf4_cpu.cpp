@@ -103,8 +103,10 @@ void scan_nonfinite(NonFinite& nf, const void* w, int64_t start, int64_t end) {
 
 // One block [start, end) in portable code, from a float32 copy x of its values: absmax, codes, packed bytes;
 // handles partial and odd-length blocks. Simple loops so the compiler vectorizes them: at the baseline ISA for
-// the scalar level, with AVX2 when inlined into quantize_range_avx2.
-template <int DT>
+// the scalar level, with AVX2 when inlined into quantize_range_avx2. SEARCH: the codes by nf4_code_search, the
+// CUDA kernel's 4-level search (the scalar level and the AVX-512 partial block run it, so the CPU tests cover
+// the GPU's search); else by nf4_code's 15 compares (AVX2: the fastest vectorized form here).
+template <int DT, bool SEARCH = false>
 __attribute__((always_inline)) inline void quantize_block_portable(uint8_t* packed, float* absmax, NonFinite& nf,
                                                                    const float* x, const void* w, int64_t b,
                                                                    int64_t start, int64_t end, bool full) {
@@ -119,10 +121,11 @@ __attribute__((always_inline)) inline void quantize_block_portable(uint8_t* pack
   const float stored = full ? amax : clamp_tiny(amax);
   const float inv = f_rcp(clamp_tiny(amax));
   absmax[b] = stored;
+  auto code = [](float v) { return SEARCH ? (uint8_t)nf4_code_search_host(v) : nf4_code(v); };
   if (full) {
-    for (int64_t i = 0; i < len; ++i) c[i] = nf4_code(nf4_scale_full(x[i], inv));
+    for (int64_t i = 0; i < len; ++i) c[i] = code(nf4_scale_full(x[i], inv));
   } else {
-    for (int64_t i = 0; i < len; ++i) c[i] = nf4_code(nf4_scale_tail(x[i], stored));
+    for (int64_t i = 0; i < len; ++i) c[i] = code(nf4_scale_tail(x[i], stored));
   }
   c[len] = kZeroCode;  // odd length: the pad nibble
   uint8_t* out = packed + (start >> 1);
@@ -136,7 +139,7 @@ void quantize_range_scalar(uint8_t* packed, float* absmax, NonFinite& nf, const 
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * bs, end = std::min(n, start + bs);
     for (int64_t i = start; i < end; ++i) x[i - start] = load_as_float<DT>(w, i);
-    quantize_block_portable<DT>(packed, absmax, nf, x, w, b, start, end, end - start == bs);
+    quantize_block_portable<DT, true>(packed, absmax, nf, x, w, b, start, end, end - start == bs);
   }
 }
 

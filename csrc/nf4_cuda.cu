@@ -31,6 +31,13 @@ __device__ __forceinline__ uint32_t warp_max(uint32_t v, int lanes) {
   return v;
 }
 
+// A float at a shared-memory address (the table reads of nf4_code_search and of the dequantize lookup).
+__device__ __forceinline__ float lds_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+  return v;
+}
+
 // ============================================================================================ quantize
 // A thread owns 32 consecutive values (64 or 128 bytes in, 16 packed bytes out); a CTA of 128 threads owns
 // 4096 values, so every NF4 block (32..4096) lies inside one CTA and is shared by G = blocksize / 32 threads.
@@ -72,18 +79,21 @@ __global__ void __launch_bounds__(kQThreads)
     quantize_nf4_kernel(uint8_t* __restrict__ packed, float* __restrict__ absmax, long long* __restrict__ status,
                         const void* __restrict__ w, int64_t n, int log2bs, bool vec) {
   __shared__ uint32_t s_max[kQThreads / 32];
+  __shared__ __align__(256) float s_mid[16];  // nf4_code_search's midpoints: <= 15 words, conflict-free reads
+  if (threadIdx.x < 15) s_mid[threadIdx.x] = nf4_mid(threadIdx.x);
+  const uint32_t mid = (uint32_t)__cvta_generic_to_shared(s_mid);
+  auto code_of = [&](float v) { return (uint8_t)nf4_code_search(v, mid, lds_f32); };
   const int64_t base = ((int64_t)blockIdx.x * kQThreads + threadIdx.x) * kQPer;
   float x[kQPer];
   load32<DT>(x, w, base, n, vec);
 
-  uint32_t am = 0, bad = 0;  // bad: bit k set when value k is inf/NaN (one register, not 32 indices)
+  uint32_t am = 0;
 #pragma unroll
-  for (int k = 0; k < kQPer; ++k) {
-    const uint32_t a = abs_bits(x[k]);
-    am = max(am, a);
-    bad |= (uint32_t)(is_nonfinite_bits(a) && base + k < n) << k;
-  }
-  if (bad) {  // rare: the caller raises with the count and the first index
+  for (int k = 0; k < kQPer; ++k) am = max(am, abs_bits(x[k]));
+  if (is_nonfinite_bits(am)) {  // rare (past-the-end values load as 0): the caller raises with count and first index
+    uint32_t bad = 0;           // bit k set when value k is inf/NaN
+#pragma unroll
+    for (int k = 0; k < kQPer; ++k) bad |= (uint32_t)is_nonfinite_bits(abs_bits(x[k])) << k;
     atomicAdd(reinterpret_cast<unsigned long long*>(status), (unsigned long long)__popc(bad));
     atomicMin(status + 1, (long long)(base + __ffs(bad) - 1));
   }
@@ -99,6 +109,7 @@ __global__ void __launch_bounds__(kQThreads)
     am = 0;
     for (int k = 0; k < wpg; ++k) am = max(am, s_max[w0 + k]);
   }
+  __syncthreads();         // s_mid is filled
   if (base >= n) return;  // after every shuffle and barrier
 
   const int64_t bs = int64_t(1) << log2bs;
@@ -114,13 +125,13 @@ __global__ void __launch_bounds__(kQThreads)
   if (full) {  // uniform per block; the common case, fully unrolled
 #pragma unroll
     for (int k = 0; k < kQPer; k += 2)
-      words[k >> 3] |= (uint32_t)pack_pair(nf4_code(nf4_scale_full(x[k], inv)), nf4_code(nf4_scale_full(x[k + 1], inv)))
+      words[k >> 3] |= (uint32_t)pack_pair(code_of(nf4_scale_full(x[k], inv)), code_of(nf4_scale_full(x[k + 1], inv)))
                        << (4 * (k & 7));
   } else {  // the partial last block: true division; past-the-end values are not stored, odd n pads code 7
 #pragma unroll
     for (int k = 0; k < kQPer; k += 2) {
-      const uint8_t c0 = nf4_code(nf4_scale_tail(x[k], stored));
-      const uint8_t c1 = base + k + 1 < n ? nf4_code(nf4_scale_tail(x[k + 1], stored)) : kZeroCode;
+      const uint8_t c0 = code_of(nf4_scale_tail(x[k], stored));
+      const uint8_t c1 = base + k + 1 < n ? code_of(nf4_scale_tail(x[k + 1], stored)) : kZeroCode;
       words[k >> 3] |= (uint32_t)pack_pair(c0, c1) << (4 * (k & 7));
     }
   }
@@ -134,79 +145,144 @@ __global__ void __launch_bounds__(kQThreads)
 }
 
 // ============================================================================================ dequantize
-// A thread owns 16 packed bytes = 32 values (one scale: blocks hold >= 32 values and start at multiples of
-// 32). The double-quantized scale is rebuilt in place (map[code] * nested + offset): one pass, no scratch.
+// A warp owns tiles of 1024 values = 512 packed bytes, one 16-byte load per lane (lane l: values 32l..32l+31,
+// a 32-value chunk with one scale: blocks hold >= 32 values and start at multiples of 32), and walks
+// 1..kMaxTilesPerWarp tiles grid-stride, the next tile's loads issued before the current one is computed.
+// Per tile, the packed load issues first; the scale's loads (code byte, nested absmax: both from the chunk
+// index alone) issue beside it, and the dynamic map is read from shared memory, so one global latency, not
+// three, precedes the stores. The 512 bytes pass through shared memory so that every warp store covers 512
+// contiguous bytes (lane l stores unit 32k + l: 8 values for 16-bit outputs, 4 for float32); each unit takes
+// its chunk's scale by a shuffle. The partial last tile and misaligned pointers take the per-chunk path.
+// The double-quantized scale is rebuilt in place (map[code] * nested + offset): one pass, no scratch.
 constexpr int kDThreads = 256;
-constexpr int kDPer = 32;
+constexpr int kDWarps = kDThreads / 32;
+constexpr int kDPer = 32;                 // values per chunk (one lane, one 16-byte load)
+constexpr int kDTile = 32 * kDPer;        // values per warp tile
+constexpr int kMaxTilesPerWarp = 4;
+static_assert(kDThreads == 256, "one thread per dynamic-map entry fills the shared copy");
+
+template <bool NESTED>
+__device__ __forceinline__ float chunk_scale(float raw, uint32_t code, const float* s_map, float off) {
+  return NESTED ? rebuild_scale(s_map[code], raw, off) : raw;
+}
+
+// The scale loads of chunk c (values 32c..32c+31): code byte + nested absmax, or the float32 absmax. 32-bit
+// indices: the launcher keeps n < 2^36, so chunks and blocks count below 2^31.
+template <bool NESTED>
+__device__ __forceinline__ void load_scale(float& raw, uint32_t& code, const void* absmax, const float* nested,
+                                           uint32_t c, int log2bs) {
+  const uint32_t b = c >> (log2bs - 5);
+  if (NESTED) {
+    code = __ldg(static_cast<const uint8_t*>(absmax) + b);
+    raw = __ldg(nested + (b >> 8));  // kNestedBlock = 256
+  } else {
+    raw = __ldg(static_cast<const float*>(absmax) + b);
+  }
+}
+
+// T[c] from the shared table at tab (256-byte aligned shared address) for the nibble index c * 4 held in
+// byte j of x: one PRMT puts that byte under the table's upper address bytes, one LDS reads the entry.
+__device__ __forceinline__ float tab_at(uint32_t tab, uint32_t x, int j) {
+  return lds_f32(__byte_perm(x, tab, 0x7650u + j));
+}
 
 template <int DT, bool NESTED>
-__global__ void __launch_bounds__(kDThreads)
+__global__ void __launch_bounds__(kDThreads, 2048 / kDThreads)  // <= 32 registers: 8 CTAs per SM
     dequantize_nf4_kernel(void* __restrict__ out, const uint8_t* __restrict__ packed, const void* __restrict__ absmax,
                           const float* __restrict__ nested, const float* __restrict__ offset,
                           const float* __restrict__ dmap, int64_t n, int log2bs, bool vec) {
-  __shared__ float s_tab[16];  // 16 distinct words in 16 banks: lookups never conflict
+  __shared__ __align__(256) float s_tab[16];  // 16 distinct words in 16 banks: lookups never conflict
+  __shared__ float s_map[NESTED ? 256 : 1];
+  __shared__ uint4 s_tile[kDWarps][32];  // one warp's 512 packed bytes, re-read as store units
+  const uint32_t tab = (uint32_t)__cvta_generic_to_shared(s_tab);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t stride = gridDim.x * kDWarps;
+  const uint32_t full = vec ? (uint32_t)(n / kDTile) : 0u;  // tiles on the fast path (n < 2^36)
+  uint32_t t = blockIdx.x * kDWarps + warp;
+
+  // First tile's loads before the tables are filled: they overlap the table fill and the barrier.
+  uint4 q = make_uint4(0, 0, 0, 0);
+  float raw = 0.0f;
+  uint32_t code = 0;
+  if (t < full) {
+    q = __ldg(reinterpret_cast<const uint4*>(packed) + (t * 32 + lane));
+    load_scale<NESTED>(raw, code, absmax, nested, t * 32 + lane, log2bs);
+  }
   if (threadIdx.x < 16) s_tab[threadIdx.x] = nf4_value(threadIdx.x);
+  if (NESTED) s_map[threadIdx.x] = __ldg(dmap + threadIdx.x);  // kDThreads == 256 entries
+  const float off = NESTED ? __ldg(offset) : 0.0f;
   __syncthreads();
-  const int64_t base = ((int64_t)blockIdx.x * kDThreads + threadIdx.x) * kDPer;
-  if (base >= n) return;
-  const int64_t b = base >> log2bs;
-  float scale;
-  if (NESTED) {
-    const uint8_t code = __ldg(static_cast<const uint8_t*>(absmax) + b);
-    scale = rebuild_scale(__ldg(dmap + code), __ldg(nested + b / kNestedBlock), __ldg(offset));
-  } else {
-    scale = __ldg(static_cast<const float*>(absmax) + b);
-  }
-  const bool whole = vec && base + kDPer <= n;
-  uint32_t words[4];
-  if (whole) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(packed + (base >> 1)));
-    words[0] = v.x, words[1] = v.y, words[2] = v.z, words[3] = v.w;
-  } else {
-    const int64_t nbytes = (n + 1) >> 1;
+
+  const char* tile_bytes = reinterpret_cast<const char*>(s_tile[warp]);
+  for (; t < full; t += stride) {
+    // the next tile's loads first (at most kMaxTilesPerWarp per warp: this is the only load in flight else)
+    const uint32_t tn = t + stride;
+    uint4 qn = make_uint4(0, 0, 0, 0);
+    float rawn = 0.0f;
+    uint32_t coden = 0;
+    if (tn < full) {
+      qn = __ldg(reinterpret_cast<const uint4*>(packed) + (tn * 32 + lane));
+      load_scale<NESTED>(rawn, coden, absmax, nested, tn * 32 + lane, log2bs);
+    }
+    const float scale = chunk_scale<NESTED>(raw, code, s_map, off);
+    __syncwarp();  // the previous tile's reads of s_tile are done
+    s_tile[warp][lane] = q;
+    __syncwarp();
+    if (DT == kFloat32) {
+      float* o = static_cast<float*>(out) + (uint64_t)t * kDTile;
 #pragma unroll
-    for (int m = 0; m < 4; ++m) {
-      uint32_t word = 0;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t idx = (base >> 1) + 4 * m + j;
-        if (idx < nbytes) word |= (uint32_t)packed[idx] << (8 * j);
+      for (int k = 0; k < 8; ++k) {  // unit 32k + lane: packed bytes 2u, 2u + 1 = values 4u..4u+3
+        const int u = 32 * k + lane;
+        const uint32_t h = *reinterpret_cast<const uint16_t*>(tile_bytes + 2 * u);
+        const float sc = __shfl_sync(0xffffffffu, scale, 4 * k + (lane >> 3));
+        const uint32_t hi = (h >> 2) & 0x3c3cu, lo = (h << 2) & 0x3c3cu;  // nibble indices * 4, per byte
+        auto v = [&](uint32_t x, int j) { return nf4_dequant(tab_at(tab, x, j), sc); };
+        *reinterpret_cast<float4*>(o + 4 * u) = make_float4(v(hi, 0), v(lo, 0), v(hi, 1), v(lo, 1));
       }
-      words[m] = word;
-    }
-  }
-  // value k: byte k / 2 of the 16, high nibble first
-  auto value = [&](int k) {
-    const uint8_t byte = (uint8_t)(words[k >> 3] >> (8 * ((k >> 1) & 3)));
-    return nf4_dequant(s_tab[(k & 1) ? unpack_second(byte) : unpack_first(byte)], scale);
-  };
-  if (DT == kFloat32) {
-    float* o = static_cast<float*>(out) + base;
-    if (whole) {
-#pragma unroll
-      for (int k = 0; k < kDPer; k += 4)
-        *reinterpret_cast<float4*>(o + k) = make_float4(value(k), value(k + 1), value(k + 2), value(k + 3));
     } else {
+      uint16_t* o = static_cast<uint16_t*>(out) + (uint64_t)t * kDTile;
+      auto cast = [](float v) { return DT == kFloat16 ? float_to_half_bits(v) : float_to_bf16_bits(v); };
 #pragma unroll
-      for (int k = 0; k < kDPer; ++k)
-        if (base + k < n) o[k] = value(k);
-    }
-  } else {
-    uint16_t* o = static_cast<uint16_t*>(out) + base;
-    auto cast = [](float v) { return DT == kFloat16 ? float_to_half_bits(v) : float_to_bf16_bits(v); };
-    if (whole) {
-#pragma unroll
-      for (int k = 0; k < kDPer; k += 8) {
+      for (int k = 0; k < 4; ++k) {  // unit 32k + lane: packed bytes 4u..4u+3 = values 8u..8u+7
+        const int u = 32 * k + lane;
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(tile_bytes + 4 * u);
+        const float sc = __shfl_sync(0xffffffffu, scale, 8 * k + (lane >> 2));
+        const uint32_t hi = (w >> 2) & 0x3c3c3c3cu, lo = (w << 2) & 0x3c3c3c3cu;
+        auto v = [&](uint32_t x, int j) { return (uint32_t)cast(nf4_dequant(tab_at(tab, x, j), sc)); };
         uint32_t p[4];
 #pragma unroll
-        for (int m = 0; m < 4; ++m)
-          p[m] = (uint32_t)cast(value(k + 2 * m)) | ((uint32_t)cast(value(k + 2 * m + 1)) << 16);
-        *reinterpret_cast<uint4*>(o + k) = make_uint4(p[0], p[1], p[2], p[3]);
+        for (int j = 0; j < 4; ++j) p[j] = v(hi, j) | (v(lo, j) << 16);
+        *reinterpret_cast<uint4*>(o + 8 * u) = make_uint4(p[0], p[1], p[2], p[3]);
       }
-    } else {
-#pragma unroll
-      for (int k = 0; k < kDPer; ++k)
-        if (base + k < n) o[k] = cast(value(k));
+    }
+    q = qn, raw = rawn, code = coden;
+  }
+
+  // The rest: the partial last tile, or every tile when a pointer is misaligned. Lane l owns chunk 32t + l.
+  const uint32_t ntiles = (uint32_t)((n + kDTile - 1) / kDTile);
+  for (; t < ntiles; t += stride) {
+    const int64_t base = (int64_t)(t * 32 + lane) * kDPer;
+    if (base >= n) continue;
+    float r = 0.0f;
+    uint32_t cd = 0;
+    load_scale<NESTED>(r, cd, absmax, nested, t * 32 + lane, log2bs);
+    const float scale = chunk_scale<NESTED>(r, cd, s_map, off);
+    const int64_t nbytes = (n + 1) >> 1;
+    for (int k = 0; k < kDPer && base + k < n; k += 2) {
+      const int64_t idx = (base >> 1) + (k >> 1);
+      const uint8_t byte = idx < nbytes ? packed[idx] : 0;
+      const float v0 = nf4_dequant(s_tab[unpack_first(byte)], scale);
+      const float v1 = nf4_dequant(s_tab[unpack_second(byte)], scale);
+      if (DT == kFloat32) {
+        float* o = static_cast<float*>(out) + base + k;
+        o[0] = v0;
+        if (base + k + 1 < n) o[1] = v1;
+      } else {
+        auto cast = [](float v) { return DT == kFloat16 ? float_to_half_bits(v) : float_to_bf16_bits(v); };
+        uint16_t* o = static_cast<uint16_t*>(out) + base + k;
+        o[0] = cast(v0);
+        if (base + k + 1 < n) o[1] = cast(v1);
+      }
     }
   }
 }
@@ -297,6 +373,25 @@ __global__ void __launch_bounds__(kPThreads)
   }
 }
 
+// SMs of the current device (the caller made the tensor's device current), cached per device.
+inline int sm_count() {
+  static int cache[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    cudaGetLastError();
+    return 132;
+  }
+  if (cache[dev] == 0) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) {
+      cudaGetLastError();
+      v = 132;
+    }
+    cache[dev] = v;
+  }
+  return cache[dev];
+}
+
 inline unsigned grid_for(int64_t items, int64_t per_cta) {
   const int64_t ctas = (items + per_cta - 1) / per_cta;
   if (ctas > INT32_MAX)  // 2^31 CTAs of >= 4096 values: far beyond any GPU's memory
@@ -345,8 +440,14 @@ void dequantize_nf4_cuda(uintptr_t out, uintptr_t packed, uintptr_t absmax, uint
     check_ptr(dynamic_map, n, "dynamic_map");
   }
   if (n == 0) return;
+  if (n >= (int64_t(1) << 36))  // the kernel counts chunks in 32 bits; 2^36 values outgrow any GPU's memory
+    throw std::invalid_argument("n is too large for one launch: " + std::to_string(n));
   const bool vec = aligned16(out) && aligned16(packed);
-  const unsigned grid = grid_for(n, int64_t(kDThreads) * kDPer);
+  // Enough CTAs for one full wave (8 resident per SM), then 2..kMaxTilesPerWarp tiles per warp.
+  const int64_t ctas = (n + int64_t(kDThreads) * kDPer - 1) / (int64_t(kDThreads) * kDPer);
+  const int64_t wave = int64_t(sm_count()) * (2048 / kDThreads);
+  const int64_t per = std::min<int64_t>(kMaxTilesPerWarp, std::max<int64_t>(1, (ctas + wave - 1) / wave));
+  const unsigned grid = grid_for(ctas, per);
   const cudaStream_t st = as_stream(stream);
   void* o = reinterpret_cast<void*>(out);
   const auto* p = reinterpret_cast<const uint8_t*>(packed);

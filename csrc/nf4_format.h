@@ -203,6 +203,9 @@ QK_HD float nf4_value(int c) {
   return (c & 8) ? hi : lo;
 }
 
+// Midpoint j (0..14) = kNF4Mid[j] without indexing an array: (T[j] + T[j + 1]) / 2, exact (midpoints_ok).
+QK_HD float nf4_mid(int j) { return f_mul(f_add(nf4_value(j), nf4_value(j + 1)), 0.5f); }
+
 // NF4 code of a scaled value: the number of midpoints strictly below it (torch.bucketize,
 // right=False), so a value exactly on a midpoint takes the lower code. Branchless (vectorizes / no
 // divergence); NaN compares false everywhere and gives 0 (never a valid input: the caller reports it).
@@ -210,6 +213,25 @@ QK_HD uint8_t nf4_code(float s) {
   int c = (s > kM0) + (s > kM1) + (s > kM2) + (s > kM3) + (s > kM4) + (s > kM5) + (s > kM6) + (s > kM7);
   c += (s > kM8) + (s > kM9) + (s > kM10) + (s > kM11) + (s > kM12) + (s > kM13) + (s > kM14);
   return (uint8_t)c;
+}
+
+// The same code as nf4_code by a 4-level binary search over the 15 midpoints: 4 compares, 3 table reads and
+// 4 predicated ORs, no branch, instead of 15 compares and 15 adds (the CUDA quantize kernel; the CPU's portable path
+// runs it too, so the CPU tests cover it). mid(a) reads midpoint j at address a = base + 4j (base 256-aligned:
+// the running address carries the code bits 4c, so each level is compare + OR, and the reads take immediate
+// offsets): kNF4Mid on the host, a shared-memory copy on the device. Equal to nf4_code for every float: both
+// count the midpoints strictly below s, the midpoints being sorted; NaN compares false everywhere -> 0.
+template <class Mid>
+QK_HD uint32_t nf4_code_search(float s, uint32_t base, Mid mid) {
+  uint32_t a = base;
+  if (s > kM7) a |= 32u;          // c >= 8 (each `if` is one predicated OR on the device: no branch)
+  if (s > mid(a + 12)) a |= 16u;  // midpoint c + 3
+  if (s > mid(a + 4)) a |= 8u;    // midpoint c + 1
+  if (s > mid(a)) a |= 4u;        // midpoint c
+  return (a & 63u) >> 2;
+}
+QK_HD uint32_t nf4_code_search_host(float s) {
+  return nf4_code_search(s, 0u, [](uint32_t a) { return kNF4Mid[a >> 2]; });
 }
 
 // Scaled value of w in a full block: w * (1 / max(absmax, 1e-38)); inv precomputed. The reference then

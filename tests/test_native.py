@@ -259,6 +259,31 @@ def test_quantize_adversarial(isa, dtype, bs):
         check_dequantize(rp, ra, wt.numel(), bs)
 
 
+def code_search_probe() -> torch.Tensor:
+    """float32 values around every NF4 midpoint (each midpoint and 4 ulps either side), the table values, 0,
+    +-1 and its neighbours: every step of the code search meets both outcomes of each of its compares.
+    Scaled by an absmax of exactly 1 (a 1.0 in every block), so the codes are those of these values."""
+    mids = ((F.NF4_TABLE[:-1] + F.NF4_TABLE[1:]) / 2).to(torch.float32)
+    near = torch.cat([(mids.view(torch.int32) + k).view(torch.float32) for k in range(-4, 5)])
+    near = torch.cat([near, -near, F.NF4_TABLE, torch.tensor([0.0, -0.0, 1.0, -1.0, 0.99999994, -0.99999994])])
+    near = near[near.abs() <= 1.0]
+    blocks = near.split(31)  # 31 values + a 1.0 per block of 32
+    return torch.cat([torch.cat([b, torch.ones(32 - b.numel())]) for b in blocks])
+
+
+def test_code_search_matches_compare_count(isa):
+    """The portable path's 4-level code search (the CUDA kernel's nf4_code_search) == the reference's
+    count of midpoints below, on the values where a wrong threshold or level shows (every ISA runs it on
+    the partial last block; the scalar level on every block)."""
+    w = code_search_probe()
+    for ww in (w, w[:-5]):  # the second ends in a partial block
+        rp, _ = check_quantize(ww, 32)
+        codes = ref.unpack_nf4_ref(rp, ww.numel()).long()
+        mids = (F.NF4_TABLE[:-1] + F.NF4_TABLE[1:]) / 2
+        assert torch.equal(codes, torch.bucketize(ww, mids).long())  # absmax 1: the codes of the values
+        assert set(codes.tolist()) == set(range(16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_quantize_every_half_value(isa, dtype):
     """Every finite float16 / bfloat16 bit pattern as input (exercises the widening conversions)."""
@@ -498,6 +523,68 @@ def test_cuda_quantize_dequantize_match_cpu(dtype, bs, shape):
                                       gof.data_ptr() if dq else 0, dmap.data_ptr(), n, bs, CODE[dtype_out], _stream())  # fmt: skip
                 torch.cuda.synchronize()
                 assert_bits(out.cpu(), expected, f"cuda dequant {dtype_out} dq={dq} off={off}")
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_code_search_matches_cpu():
+    """The CUDA quantize kernel's code search == the CPU's on the values next to every midpoint."""
+    w = code_search_probe()
+    for ww in (w, w[:-5]):
+        cp, ca, _ = quantize(ww, 32)
+        gp, ga, _ = cuda_quantize(ww.cuda(), 32)
+        assert_bits(gp, cp, "cuda packed")
+        assert_bits(ga, ca, "cuda absmax")
+
+
+def _deq_cuda(packed, a, ne, of, n, bs, dtype, out_off=0, packed_off=0):
+    out = torch.empty(n + 8, dtype=dtype, device="cuda")[out_off : out_off + n]
+    gpk = torch.empty(packed.numel() + 16, dtype=torch.uint8, device="cuda")[packed_off : packed_off + packed.numel()]
+    gpk.copy_(packed)
+    ga = a.cuda()
+    gne, gof = (ne.cuda(), of.cuda()) if ne is not None else (None, None)
+    C.dequantize_nf4_cuda(out.data_ptr(), gpk.data_ptr(), ga.data_ptr(), 0 if gne is None else gne.data_ptr(),
+                          0 if gof is None else gof.data_ptr(), F.DYNAMIC_MAP.cuda().data_ptr(), n, bs,
+                          CODE[dtype], _stream())  # fmt: skip
+    torch.cuda.synchronize()
+    return out.cpu()
+
+
+# sizes around the 1024-value warp tile, and enough tiles that warps take 2..4 of them (grid-stride: beyond one
+# wave of 8 CTAs x 8 warps per SM: > 8.7M values on an H200)
+DEQ_TILE_SIZES = [1, 31, 33, 1023, 1024, 1025, 2048 + 64, 8192 * 8 + 7, 3 * (1 << 22) + 1000, 40_000_000 + 77]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("n", DEQ_TILE_SIZES)
+def test_cuda_dequantize_tiles_match_cpu(n):
+    """The tiled CUDA dequantize == the CPU kernel bit for bit: every byte value (all code pairs), zero blocks,
+    the largest and smallest scales, plain and double-quantized, every output dtype, aligned and not."""
+    g = torch.Generator().manual_seed(n)
+    packed = torch.randint(0, 256, ((n + 1) // 2,), generator=g, dtype=torch.uint8)
+    packed[: min(256, packed.numel())] = torch.arange(min(256, packed.numel()), dtype=torch.uint8)
+    for bs in (32, 64, 4096):
+        nb = nblocks(n, bs)
+        absmax = torch.rand(nb, generator=g) * 4
+        absmax[::7] = 0.0  # zero blocks
+        absmax[1::11] = 3.0e38  # the largest: fp16/bf16 outputs overflow exactly as on the CPU
+        absmax[2::13] = 1e-38  # subnormal-range products
+        absmax[3::17] = float.fromhex("0x1p-149")
+        big = n > 1_000_000
+        for dtype in DTYPES if not big else (torch.bfloat16, torch.float32):
+            for dq in (False, True):
+                if dq:
+                    finite = absmax.clamp(max=1e30)  # the double-quant mean must not overflow
+                    a, ne, of = double_quantize(finite)
+                else:
+                    a, ne, of = absmax, None, None
+                expected = dequantize(packed, a, ne, of, n, bs, dtype)
+                for off in ((0, 0), (1, 0), (0, 1)) if not big else ((0, 0),):
+                    got = _deq_cuda(packed, a, ne, of, n, bs, dtype, *off)
+                    assert_bits(got, expected, f"n={n} bs={bs} {dtype} dq={dq} misalign={off}")
+            if big:
+                break
 
 
 @pytest.mark.gpu

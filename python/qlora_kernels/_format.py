@@ -131,8 +131,49 @@ _device_tables: dict = {}
 
 def device_table(name: str, device) -> torch.Tensor:
     """NF4_TABLE ("nf4"), DYNAMIC_MAP ("map") or DYNAMIC_LUT ("lut") on `device`, copied once per device:
-    the native and Triton kernels read them through raw pointers on every call."""
-    key = (name, torch.device(device))
+    the native and Triton kernels read them through raw pointers on every call. Weights create the first two
+    when they arrive on a device (prepare_device), so a forward finds them made."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one entry per GPU, whatever spelling asked
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (name, device)
     if key not in _device_tables:
-        _device_tables[key] = {"nf4": NF4_TABLE, "map": DYNAMIC_MAP, "lut": DYNAMIC_LUT}[name].to(device)
+        if device.type == "cuda" and _capturing():
+            raise RuntimeError(
+                f"qlora_kernels: the {name!r} table does not exist on {device} yet, and a CUDA graph is being "
+                "captured (its host -> device copy cannot be captured). Move the NF4 weight or layer to the device "
+                "(.to(device)) before capturing, or call qlora_kernels._format.prepare_device(device)"
+            )
+        table = {"nf4": NF4_TABLE, "map": DYNAMIC_MAP, "lut": DYNAMIC_LUT}[name].to(device)
+        if _is_fake(table):  # made while tracing (torch.compile, FSDP's meta init): not a real tensor to keep
+            return table
+        _device_tables[key] = table
     return _device_tables[key]
+
+
+def _capturing() -> bool:
+    """A CUDA graph is being captured on the current stream (False on a build or machine without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return is_fake(t)
+
+
+def prepare_device(device) -> None:
+    """Create the tables the forward and backward kernels read (NF4 table, dynamic map) on `device` now.
+
+    Called when a weight is made on or moved to a device (NF4Weight, QLoRALinear._apply): a lazy first-use copy
+    inside a forward is a pageable host -> device copy, which is not allowed while a CUDA graph is captured.
+    The meta device runs no kernel and gets none."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return
+    if device.type == "cuda" and _capturing():  # a copy here would break the capture
+        return
+    for name in ("nf4", "map"):
+        device_table(name, device)

@@ -32,8 +32,17 @@ def _launch_args(device: torch.device, work: int) -> tuple[str, int]:
 
 
 def _native(fn: str, device: torch.device, work: int):
+    """The native `fn` for `device`, its last argument bound. A CUDA launch runs with the tensor's device
+    current: the extension launches on the current device (and its stream must belong to it), so weights on
+    cuda:1 (device_map="auto") while cuda:0 is current would otherwise launch on the wrong GPU."""
     suffix, last = _launch_args(device, work)
     f = getattr(native_module(), fn + suffix)
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        def on_device(*args):
+            with torch.cuda.device(device.index):
+                return f(*args, last)
+
+        return on_device
     return lambda *args: f(*args, last)
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._format import FLOAT_DTYPES
+from ._format import FLOAT_DTYPES, prepare_device
 from .autograd import _qlora_linear
 from .functional import quantize_nf4
 from .weight import QUANT_STATE_KEY, NF4Weight, packed_bytes
@@ -176,6 +176,9 @@ class QLoRALinear(nn.Module):
                     t = moved if moved.dtype == t.dtype else t.to(moved.device)
                 self._buffers[n] = t
         self._weight_cache = None
+        packed = getattr(self, "weight_packed", None)  # a buffer, or a parameter under distributed.py
+        if isinstance(packed, Tensor):  # the kernels' tables on the new device now, not in the first forward
+            prepare_device(packed.device)
         return self
 
     def merged_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:

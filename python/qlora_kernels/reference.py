@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._format import DYNAMIC_LUT, DYNAMIC_MAP, LUT_SIZE, NESTED_BLOCKSIZE, NF4_TABLE, NF4_ZERO_CODE
+from ._format import DYNAMIC_LUT, DYNAMIC_MAP, LUT_SIZE, NESTED_BLOCKSIZE, NF4_TABLE, NF4_ZERO_CODE, device_table
 
 # Smallest scale bitsandbytes divides by; keeps an all-zero block finite (its values then encode to code 7).
 _TINY = 1e-38
@@ -101,7 +101,7 @@ def double_dequantize_ref(codes: torch.Tensor, nested_absmax: torch.Tensor, offs
     """Rebuild the float32 block scales: DYNAMIC_MAP[code] * nested_absmax[i // 256] + offset (two roundings)."""
     nb = codes.numel()
     nested = nested_absmax.reshape(-1).repeat_interleave(NESTED_BLOCKSIZE)[:nb]
-    return DYNAMIC_MAP.to(codes.device)[codes.reshape(-1).long()] * nested + offset.to(torch.float32)
+    return device_table("map", codes.device)[codes.reshape(-1).long()] * nested + offset.to(torch.float32)
 
 
 def dequantize_nf4_ref(
@@ -121,4 +121,4 @@ def dequantize_nf4_ref(
         absmax = double_dequantize_ref(absmax, nested_absmax, offset)
     codes = unpack_nf4_ref(packed, n).long()
     scale = absmax.reshape(-1).repeat_interleave(blocksize)[:n]
-    return (NF4_TABLE.to(packed.device)[codes] * scale).to(dtype)
+    return (device_table("nf4", packed.device)[codes] * scale).to(dtype)

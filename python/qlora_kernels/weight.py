@@ -18,6 +18,7 @@ from ._format import (
     check_blocksize,
     check_float_dtype,
     num_blocks,
+    prepare_device,
 )
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
@@ -78,6 +79,8 @@ class NF4Weight:
         self.offset = offset
         self.quant_map = NF4_TABLE.to(packed.device)
         self.nested_quant_map = None if nested_absmax is None else DYNAMIC_MAP.to(packed.device)
+        # the kernels' per-device tables exist from here on: no forward copies them (CUDA-graph capture)
+        prepare_device(packed.device)
 
     # ---------------------------------------------------------------------------------------------- basics
     @property
