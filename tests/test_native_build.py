@@ -15,6 +15,11 @@ import pytest
 
 from build_state import native_or_skip
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from bench.cuda_sass_report import cuobjdump as _cuobjdump  # noqa: E402  (one finder for bench and tests)
+
 C = native_or_skip()  # a skip only when nothing was built; a built extension that does not import fails
 
 SO = Path(C.__file__)
@@ -30,24 +35,6 @@ KERNELS = {
     "unpack_nf4_kernel",
 }
 needs_cuda_build = pytest.mark.skipif(not INFO["cuda"], reason="_C was built without CUDA (no nvcc, or QLORA_KERNELS_CUDA=OFF)")
-
-
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    for cand in (Path("/usr/local/cuda/bin/cuobjdump"),):
-        if cand.exists():
-            return str(cand)
-    try:  # the triton package ships one
-        import triton
-
-        cand = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        if cand.exists():
-            return str(cand)
-    except ImportError:
-        pass
-    return None
 
 
 def _ptxas_log() -> Path | None:
