@@ -22,13 +22,14 @@ from ._format import DTYPE_CODES, NESTED_BLOCKSIZE, all_finite, device_table, nu
 # right after a torch matmul (whose OpenMP workers are still spinning) cost ~0.5 ms per call in a model step
 # (bench/bench_layer.py: the MiniLM-size dequantize went from ~130 us alone to ~675 us in the step).
 _CPU_GRAIN = 1 << 21
-# The 8-bit optimizer step's grain (2 threads from 2M elements): ~3 ns of work per element (two divisions, a
-# square root, four table lookups), so a second thread pays off sooner than for the NF4 kernels. Measured
-# right after a torch matmul (1 vs 2 threads, best / median of 30 interleaved calls, 2-core Zen 3 under load
-# ~2.7): 0.5M elements 1.55 / 2.32 vs 1.65 / 3.94 ms, 1M 3.21 / 3.51 vs 3.13 / 4.15 ms, 2M 6.48 / 10.2 vs
-# 5.46 / 10.5 ms; and in bench_optim at 1M 5.5 ms on one thread vs 7.6-8.0 ms on two. The 32-bit step (~1.5 ns
-# per element) keeps _CPU_GRAIN: two threads lost up to 2M elements (1M: 1.58 vs 1.81 ms best of 30).
-_OPTIM_GRAIN = 1 << 20
+# The 8-bit optimizer step's grain (2 threads from 1M elements): ~3-6 ns of work per element (two divisions,
+# a square root, four table lookups), so a second thread pays off sooner than for the NF4 kernels. Measured on
+# this 2-core Zen 3 (shared, so load-dependent): bench_optim at 1M, load ~1.4: 3.3-3.7 ms on two threads vs
+# 6.3-6.4 ms on one (torch fused: 0.8-1.0 ms); right after a torch matmul, 1 vs 2 threads, best / median of 30
+# interleaved calls, load ~1.1: 0.5M elements 2.50 / 2.84 vs 2.74 / 3.33 ms, 1M 5.24 / 6.00 vs 3.91 / 6.31 ms.
+# Under heavier load (~3.5) two threads lose at 1M (bench: 7.6-8.0 vs 5.5 ms): the second core is taken. The
+# 32-bit step (~1.5 ns per element) keeps _CPU_GRAIN: two threads lost up to 2M elements (load ~1.9).
+_OPTIM_GRAIN = 1 << 19
 
 
 def _launch_args(device: torch.device, work: int, grain: int = _CPU_GRAIN) -> tuple[str, int]:
