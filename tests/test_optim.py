@@ -193,6 +193,39 @@ def test_kernel_quantizer_on_every_boundary(isa):
 
 
 @needs_native
+def test_kernel_decodes_every_code(isa):
+    """The kernels' state decode (map[code] * absmax, table lookups assembled in registers on x86) on all 256
+    codes of both maps at every lane position, against the reference. grad 0, param 0, betas 1/2 and
+    lr = 1 - beta1 make the new parameter -(m / 2) / (sqrt(v / 2) / bc2 + eps) with one rounding per
+    operation, so a wrong decoded m or v shows in its bits; the requantized states are compared too."""
+    nb = 256
+    n = nb * OF.BLOCKSIZE + 13  # and a tail shorter than 8
+    i = torch.arange(n) % OF.BLOCKSIZE
+    b = torch.arange(n) // OF.BLOCKSIZE
+    codes1 = ((i + b) % 256).to(torch.uint8)  # block b: every code, shifted by b, so each lane sees each code
+    codes2 = ((3 * i + 7 * b) % 256).to(torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    nab = nb + 1
+    absmax1 = torch.rand(nab, generator=g) * 10.0 ** torch.randint(-8, 3, (nab,), generator=g).float()
+    absmax2 = torch.rand(nab, generator=g) * 10.0 ** torch.randint(-12, 3, (nab,), generator=g).float()
+    absmax1[::17] = 0.0
+    absmax2[5::19] = 0.0
+    results = []
+    for backend in ("native", "reference"):
+        t = [torch.zeros(n), torch.zeros(n), codes1.clone(), codes2.clone(), absmax1.clone(), absmax2.clone(),
+             torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)]
+        set_backend(backend)
+        try:
+            torch.ops.qlora.adamw8bit_step(*t, 0.5, 0.5, 0.5, 1e-8, 0.0)
+        finally:
+            set_backend(None)
+        results.append(t)
+    for name, a, r in zip(("param", "grad", "state1", "state2", "absmax1", "absmax2", "step", "skipped"), *results):
+        assert_same(a, r, f"{isa} {name}")
+    assert torch.isfinite(results[0][0]).all() and (results[0][0] != 0).sum() > n // 2
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", (1, 257, 4097))
 def test_adamw32bit_kernel_matches_reference(isa, dtype, n):

@@ -22,20 +22,28 @@ from ._format import DTYPE_CODES, NESTED_BLOCKSIZE, all_finite, device_table, nu
 # right after a torch matmul (whose OpenMP workers are still spinning) cost ~0.5 ms per call in a model step
 # (bench/bench_layer.py: the MiniLM-size dequantize went from ~130 us alone to ~675 us in the step).
 _CPU_GRAIN = 1 << 21
+# The 8-bit optimizer step's grain (2 threads from 1M elements): ~3-6 ns of work per element (two divisions,
+# a square root, four table lookups), so a second thread pays off sooner than for the NF4 kernels. Measured on
+# this 2-core Zen 3 (shared, so load-dependent): bench_optim at 1M, load ~1.4: 3.3-3.7 ms on two threads vs
+# 6.3-6.4 ms on one (torch fused: 0.8-1.0 ms); right after a torch matmul, 1 vs 2 threads, best / median of 30
+# interleaved calls, load ~1.1: 0.5M elements 2.50 / 2.84 vs 2.74 / 3.33 ms, 1M 5.24 / 6.00 vs 3.91 / 6.31 ms.
+# Under heavier load (~3.5) two threads lose at 1M (bench: 7.6-8.0 vs 5.5 ms): the second core is taken. The
+# 32-bit step (~1.5 ns per element) keeps _CPU_GRAIN: two threads lost up to 2M elements (load ~1.9).
+_OPTIM_GRAIN = 1 << 19
 
 
-def _launch_args(device: torch.device, work: int) -> tuple[str, int]:
+def _launch_args(device: torch.device, work: int, grain: int = _CPU_GRAIN) -> tuple[str, int]:
     """The native function suffix and its last argument: CPU thread count, or the current CUDA stream."""
     if device.type == "cuda":
         return "_cuda", torch.cuda.current_stream(device).cuda_stream
-    return "_cpu", max(1, min(torch.get_num_threads(), work // _CPU_GRAIN))
+    return "_cpu", max(1, min(torch.get_num_threads(), work // grain))
 
 
-def _native(fn: str, device: torch.device, work: int):
+def _native(fn: str, device: torch.device, work: int, grain: int = _CPU_GRAIN):
     """The native `fn` for `device`, its last argument bound. A CUDA launch runs with the tensor's device
     current: the extension launches on the current device (and its stream must belong to it), so weights on
     cuda:1 (device_map="auto") while cuda:0 is current would otherwise launch on the wrong GPU."""
-    suffix, last = _launch_args(device, work)
+    suffix, last = _launch_args(device, work, grain)
     f = getattr(native_module(), fn + suffix)
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         def on_device(*args):
@@ -383,7 +391,7 @@ def adamw8bit_step(
                                      lr, beta1, beta2, eps, weight_decay)
         return
     grad = grad.contiguous()
-    _native("adamw8bit_step", param.device, n)(
+    _native("adamw8bit_step", param.device, n, _OPTIM_GRAIN)(
         param.data_ptr(), grad.data_ptr(), state1.data_ptr(), state2.data_ptr(), absmax1.data_ptr(),
         absmax2.data_ptr(), step.data_ptr(), skipped.data_ptr(), _optim_flag(param.device).data_ptr(),
         kernel_table(param.device).data_ptr(), n, DTYPE_CODES[param.dtype], lr, beta1, beta2, eps, weight_decay,
