@@ -4,7 +4,8 @@
 #   2. the GPU tests (pytest -m gpu)
 #   3. the benchmarks present: bench_optim (short sizes; its JSON kept out of $OUT, its table and the fused
 #      8-bit step's memory-floor check folded into the log and summary), bench_quant, bench_linear,
-#      bench_layer (JSON + PNG each)
+#      bench_layer (JSON + PNG each), bench_plan --quick (beside bench_optim's JSON; the planner against
+#      torch.cuda.max_memory_allocated in the summary)
 #   4. a short summary table
 # Results and the log go to $OUT (or bench/results when OUT is unset). Each step gets a time cap from what
 # is left of the total budget (QLORA_CHECK_BUDGET_S, default 460 s), so a slow step cannot eat the rest.
@@ -79,13 +80,16 @@ OPTIM_DIR="$(mktemp -d)"
 [[ -f bench/bench_quant.py ]] && step bench_quant 60 "$PY" -m bench.bench_quant --out "$OUT" --skip-slow-reference
 [[ -f bench/bench_linear.py ]] && step bench_linear 170 "$PY" -m bench.bench_linear --out "$OUT" --budget-s 120
 [[ -f bench/bench_layer.py ]] && step bench_layer 70 "$PY" -m bench.bench_layer --out "$OUT" --no-model
+# issue 10: the planner against torch.cuda.max_memory_allocated over a real step (last: it gets what is left)
+[[ -f bench/bench_plan.py ]] && step bench_plan 60 "$PY" bench/bench_plan.py --quick --out "$OPTIM_DIR"
 
 # 4. summary
 "$PY" - "$OUT" "$OPTIM_DIR" <<'EOF' 2>&1 | tee "$OUT/summary.txt" | tee -a "$LOG"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for path in sorted(out.glob("*.json")) + sorted(Path(sys.argv[2]).glob("optim-*.json")):
+side = Path(sys.argv[2])
+for path in sorted(out.glob("*.json")) + sorted(side.glob("optim-*.json")) + sorted(side.glob("plan-*.json")):
     data = json.loads(path.read_text())
     rows, meta = data.get("rows", []), data.get("meta", {})
     print(f"== {path.name}: {meta.get('device')} torch {meta.get('torch')} triton {meta.get('triton')} "
@@ -112,6 +116,14 @@ for path in sorted(out.glob("*.json")) + sorted(Path(sys.argv[2]).glob("optim-*.
             if r["impl"] == "qlora_kernels AdamW8bit":
                 verdict = "PASS" if r.get("x_floor", 99) <= 1.3 else "MISS"
                 print(f"memory floor {r['case']}: fused 8-bit step at {r.get('x_floor', 0):.2f}x (target <= 1.3): {verdict}")
+    elif data.get("family") == "plan":
+        # issue 10: plan_memory's tensor bytes vs torch.cuda.max_memory_allocated over the same step (target 5%)
+        for r in rows:
+            print(f"{r['case']:<32} planned {r['planned_MiB']:9.2f} MiB  measured {r['measured_MiB']:9.2f} MiB  "
+                  f"error {r['error_%']:+6.2f}%")
+        worst = max((abs(r["error_%"]) for r in rows), default=float("nan"))
+        print(f"planner vs the measured step ({meta.get('device')}): worst |error| {worst:.2f}% (target <= 5): "
+              f"{'PASS' if worst <= 5 else 'MISS'}")
     else:
         for r in rows[:40]:
             print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
