@@ -11,6 +11,15 @@
 // gathers cost more than 8 scalar loads through L1, so every lookup is 8 scalar loads assembled in a register
 // (lookup8, decode8: ~1.75 -> ~1.25-1.45 ms per 0.5M values, wall time). Remeasured after that, best of 60:
 // ~1.3 ms with the lookups, ~0.73 ms with them stubbed out: they are still ~40% of the step.
+// Streaming (issue 11; op called directly, float32, thread CPU time per value, min of 5, 2 cores under load):
+// one thread ~2.5-3.9 ns in cache (0.5M) -> ~3.1-4.8 ns at 16M/64M, a 1.1-1.3x gap, about half of it the
+// gradient scan (~0.15 ns per value in cache, ~0.35-0.45 ns streaming: a read at 9-12 GB/s, bandwidth-bound,
+// already vectorized; it must finish before any write, so it stays a pass of its own). The main pass moves
+// ~16 B per value at ~5 GB/s: compute-bound (lookups, 2 IEEE divisions and a square root per value), not
+// waiting on memory: _mm_prefetch of param/grad/codes 2-8 blocks ahead changed nothing beyond the noise
+// (+-5%), and the timed steps touch no fresh pages (states exist after the first step). The "2x per thread at
+// 64M" was the thread count: on this 2-vCPU machine under load two threads took about the CPU time of one
+// (process time ~= wall time), so per-thread figures at 2 threads double; torch fused AdamW scaled no better.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
