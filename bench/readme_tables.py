@@ -59,10 +59,19 @@ def machine(meta: dict) -> str:
             f"{load[0]:.1f} at the start (shared with other jobs when above {meta.get('cpu_count')})")
 
 
-def quant_section(data: dict) -> list[str]:
-    meta, rows = data["meta"], data["rows"]
+def _by_case(data: dict):
+    """meta, rows, the cases in row order, and find(case, impl) -> that row or None."""
+    rows = data["rows"]
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    find = lambda case, impl: next((r for r in rows if r["case"] == case and r["impl"] == impl), None)  # noqa: E731
+
+    def find(case, impl):
+        return next((r for r in rows if r["case"] == case and r["impl"] == impl), None)
+
+    return data["meta"], rows, cases, find
+
+
+def quant_section(data: dict) -> list[str]:
+    meta, rows, cases, find = _by_case(data)
     out = [
         f"`python -m bench.bench_quant --shapes {','.join(c.split()[0] for c in cases)} --reps {meta['reps']} "
         f"--warmup {meta['warmup']}` (bf16 weight, blocksize 64, "
@@ -108,9 +117,7 @@ def quant_section(data: dict) -> list[str]:
 
 
 def layer_section(data: dict) -> list[str]:
-    meta, rows = data["meta"], data["rows"]
-    cases = list(dict.fromkeys(r["case"] for r in rows))
-    find = lambda case, impl: next((r for r in rows if r["case"] == case and r["impl"] == impl), None)  # noqa: E731
+    meta, rows, cases, find = _by_case(data)
     out = [
         f"`python bench/bench_layer.py --reps {meta.get('layer_reps')} --dtypes "
         f"{','.join(dict.fromkeys(r['dtype'].replace('torch.', '') for r in rows))}` "
