@@ -141,14 +141,25 @@ def test_empty_and_single_row():
 
 
 # ------------------------------------------------------------------ register lookup: bit-exact on the device
+def _assert_kernels_reproduce_w(args, want, eye_k, eye_n):
+    """Forward, dx and decode on identity activations return W (or W^T) bit for bit."""
+    from qlora_kernels.triton_kernels import nf4_decode, nf4_linear, nf4_linear_dx
+
+    torch.testing.assert_close(nf4_linear(eye_k, *args), want.t(), rtol=0, atol=0)
+    torch.testing.assert_close(nf4_linear_dx(eye_n, *args), want, rtol=0, atol=0)
+    torch.testing.assert_close(nf4_decode(eye_k[:16], *args), want.t()[:16], rtol=0, atol=0)
+    # M not a multiple of the tile (masked activation loads; EVEN_M off) and a single decode row
+    torch.testing.assert_close(nf4_linear(eye_k[:500], *args), want.t()[:500], rtol=0, atol=0)
+    torch.testing.assert_close(nf4_linear_dx(eye_n[:250], *args), want[:250], rtol=0, atol=0)
+    torch.testing.assert_close(nf4_decode(eye_k[77:78], *args), want.t()[77:78], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dq", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_register_lookup_bit_exact(dq, dtype):
     """The aligned fast path (PRMT lookup of per-row product tables) reproduces the reference dequantization
     bit for bit: multiplying by identity matrices returns W itself (fp32 accumulation of one exact product).
     The weight has every code, a zero block, and the largest and smallest scales of the dtype."""
-    from qlora_kernels.triton_kernels import nf4_decode, nf4_linear, nf4_linear_dx
-
     N, K, bs = 256, 512, 64
     g = torch.Generator(device="cpu").manual_seed(3)
     w = torch.randn(N, K, generator=g)
@@ -162,20 +173,12 @@ def test_register_lookup_bit_exact(dq, dtype):
     want = ref.dequantize_nf4_ref(p, a, n, o, N * K, bs, dtype).view(N, K)
     args = (p, a, n, o, N, K, bs)
     eye_k, eye_n = torch.eye(K, dtype=dtype, device="cuda"), torch.eye(N, dtype=dtype, device="cuda")
-    torch.testing.assert_close(nf4_linear(eye_k, *args), want.t(), rtol=0, atol=0)
-    torch.testing.assert_close(nf4_linear_dx(eye_n, *args), want, rtol=0, atol=0)
-    torch.testing.assert_close(nf4_decode(eye_k[:16], *args), want.t()[:16], rtol=0, atol=0)
-    # M not a multiple of the tile (masked activation loads; EVEN_M off) and a single decode row
-    torch.testing.assert_close(nf4_linear(eye_k[:500], *args), want.t()[:500], rtol=0, atol=0)
-    torch.testing.assert_close(nf4_linear_dx(eye_n[:250], *args), want[:250], rtol=0, atol=0)
-    torch.testing.assert_close(nf4_decode(eye_k[77:78], *args), want.t()[77:78], rtol=0, atol=0)
+    _assert_kernels_reproduce_w(args, want, eye_k, eye_n)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_launches_on_the_weights_device():
     """Weights and activations on cuda:1 while cuda:0 is current (device_map="auto" placement)."""
-    from qlora_kernels.triton_kernels import nf4_decode, nf4_linear, nf4_linear_dx
-
     N, K, bs = 256, 512, 64
     dev = torch.device("cuda:1")
     w = torch.randn(N, K, generator=torch.Generator(device="cpu").manual_seed(4))
@@ -185,10 +188,4 @@ def test_launches_on_the_weights_device():
     args = (p, a, n, o, N, K, bs)
     torch.cuda.set_device(0)
     eye_k, eye_n = torch.eye(K, dtype=torch.bfloat16, device=dev), torch.eye(N, dtype=torch.bfloat16, device=dev)
-    torch.testing.assert_close(nf4_linear(eye_k, *args), want.t(), rtol=0, atol=0)
-    torch.testing.assert_close(nf4_linear_dx(eye_n, *args), want, rtol=0, atol=0)
-    torch.testing.assert_close(nf4_decode(eye_k[:16], *args), want.t()[:16], rtol=0, atol=0)
-    # M not a multiple of the tile (masked activation loads; EVEN_M off) and a single decode row
-    torch.testing.assert_close(nf4_linear(eye_k[:500], *args), want.t()[:500], rtol=0, atol=0)
-    torch.testing.assert_close(nf4_linear_dx(eye_n[:250], *args), want[:250], rtol=0, atol=0)
-    torch.testing.assert_close(nf4_decode(eye_k[77:78], *args), want.t()[77:78], rtol=0, atol=0)
+    _assert_kernels_reproduce_w(args, want, eye_k, eye_n)
