@@ -18,7 +18,7 @@ from ._common import (
     weight_args, weight_flags,
 )
 from .configs import LaunchConfig, pick_config
-from .nf4_tile import nf4_tile, nf4_tile_fast
+from .nf4_tile import nf4_w_tile
 
 
 @triton.jit
@@ -51,17 +51,15 @@ def _nf4_linear_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if FAST:  # N % BLOCK_N == 0, K % BLOCK_K == 0, BLOCK_K == BLOCKSIZE: no W masks, register lookup
-            if EVEN_M:  # M % BLOCK_M == 0: no mask (no per-copy predicate in the pipelined loop)
-                x = tl.load(x_ptrs)
-            else:
-                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, 0, k0, K,
-                              BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM)
+        # FAST: N % BLOCK_N == 0, K % BLOCK_K == 0, BLOCK_K == BLOCKSIZE: no W masks, register lookup
+        if FAST and EVEN_M:  # M % BLOCK_M == 0: no mask (no per-copy predicate in the pipelined loop)
+            x = tl.load(x_ptrs)
+        elif FAST:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
         else:
             x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
-            w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, k0, N, K,
-                         BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED)
+        w = nf4_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, 0, k0, N, K,
+                       BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM)
         if UPCAST:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(ACT).to(tl.float32)), acc, input_precision="ieee")
         else:

@@ -263,3 +263,21 @@ def nf4_tile_fast(
         codes = tl.reshape(_interleave8(c0, c1, c2, c3, c4, c5, c6, c7), (BLOCK_R, G, BLOCKSIZE))
         w = tl.reshape((tl.load(nf4_ptr + codes) * scale[:, :, None]).to(ACT), (BLOCK_R, BLOCK_K))
     return w
+
+
+@triton.jit
+def nf4_w_tile(
+    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr,
+    rn, n0, k0, N, K,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    FAST: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, ACT: tl.constexpr, LUT_ASM: tl.constexpr,
+):
+    """W[n0 + rn, k0:k0 + BLOCK_K]: the register-lookup fast path when FAST (every kernel's aligned case; n0
+    stays a separate scalar so the block index stays uniform), else the general masked loader (float32)."""
+    if FAST:
+        w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, n0, k0, K,
+                          BLOCK_R, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM)
+    else:
+        w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, n0 + rn, k0, N, K,
+                     BLOCK_R, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED)
+    return w
