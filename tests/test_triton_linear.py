@@ -265,8 +265,9 @@ def test_fast_path_cases_take_the_fast_path():
 
 @pytest.mark.parametrize("even_m", [True, False], ids=["even-M", "ragged-M"])
 def test_fast_path_reproduces_the_dequantization(even_m):
-    """The aligned fast path (nf4_tile_fast, its gather variant under the interpreter) at tile shapes of the
-    GPU table (BLOCK_K = blocksize = 64 in the forward and decode; two blocks per tile row in dx), with and
+    """The aligned fast path (nf4_tile_fast, its gather variant under the interpreter) with one and two blocks
+    per tile row (BLOCK_K = 64, 128 at blocksize 64: the GPU table's; two blocks take the k-permuted PERM_K
+    tile, the activations and dx columns in the same order, decode split over K), with and
     without the activation mask (EVEN_M): identity activations return W itself, bit for bit (one exact
     product per output, float32 accumulation). Catches a wrong block index, row offset or word order."""
     N, K, bs = 64, 256, 64
@@ -280,13 +281,15 @@ def test_fast_path_reproduces_the_dequantization(even_m):
     cut_k, cut_n = (K, N) if even_m else (K - 5, N - 3)
     eye_k = torch.eye(K, dtype=torch.float16, device=DEVICE)[:cut_k]
     eye_n = torch.eye(N, dtype=torch.float16, device=DEVICE)[:cut_n]
-    fwd, dx, dec = LaunchConfig(32, 16, 64, 2, 4, 1), LaunchConfig(16, 32, 128, 2, 4, 1), LaunchConfig(16, 16, 64, 1, 4, 1)
-    for op, cfg, rows in (("fwd", fwd, N), ("dx", dx, N), ("decode", dec, N)):
-        flags = tk._common.fast_flags(rows, K, bs, cfg.block_n, cfg.block_k, torch.float16)
-        assert flags["FAST"], op
-    torch.testing.assert_close(tk.nf4_linear(eye_k, *args, config=fwd), want.t()[:cut_k], rtol=0, atol=0)
-    torch.testing.assert_close(tk.nf4_linear_dx(eye_n, *args, config=dx), want[:cut_n], rtol=0, atol=0)
-    torch.testing.assert_close(tk.nf4_decode(eye_k[40:56], *args, config=dec), want.t()[40:56], rtol=0, atol=0)
+    for block_k in (64, 128):  # one block per tile row, and two (PERM_K: k-permuted tile, x / dx alike)
+        fwd, dx, dec = (LaunchConfig(32, 16, block_k, 2, 4, 1), LaunchConfig(16, 32, block_k, 2, 4, 1),
+                        LaunchConfig(16, 16, block_k, 1, 4, 1, split_k=2))
+        for op, cfg, rows in (("fwd", fwd, N), ("dx", dx, N), ("decode", dec, N)):
+            flags = tk._common.fast_flags(rows, K, bs, cfg.block_n, cfg.block_k, torch.float16)
+            assert flags["FAST"], op
+        torch.testing.assert_close(tk.nf4_linear(eye_k, *args, config=fwd), want.t()[:cut_k], rtol=0, atol=0)
+        torch.testing.assert_close(tk.nf4_linear_dx(eye_n, *args, config=dx), want[:cut_n], rtol=0, atol=0)
+        torch.testing.assert_close(tk.nf4_decode(eye_k[40:56], *args, config=dec), want.t()[40:56], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------- dispatcher
@@ -297,7 +300,7 @@ def test_dispatch_rules():
     assert d.plan_linear("fwd", 17, 4096, 4096, 16, cpu) == "fused"
     assert d.plan_linear("dx", 1, 4096, 4096, 16, cpu) == "fused"
     # the roofline model: fused wins at small and mid M, cuBLAS at very large M (unmeasured constants; eta
-    # from bench/sass_report's model, 0.895 on sm_90: M* = 10153 at 4096 x 4096, r = 16)
+    # from bench/sass_report's model, capped at 0.9 on sm_90: M* = 12606 at 4096 x 4096, r = 16)
     cross = d.crossover_m(4096, 4096, 16, 9)
     assert 4096 < cross < 16384, cross
     assert d.crossover_m(4096, 4096, 0, 9) <= cross  # LoRA's extra addmm favours the fused kernel

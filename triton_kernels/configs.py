@@ -35,35 +35,39 @@ _C = LaunchConfig
 # M buckets: upper bounds 16, 64, 256, 1024, and None for anything larger. Capability 0 = interpreter.
 # sm_90: 64- and 128-row tiles so tl.dot lowers to wgmma (one warpgroup per 64 rows; checked in the PTX by
 # tests/test_triton_compile.py, which also checks zero spills and the shared-memory limit for every entry);
-# BLOCK_K = 64 = the default blocksize, so each W tile row has one scale. Small M: the grid is N / BLOCK_N
-# programs, so BLOCK_N shrinks to keep >= 1 program per SM at N = 4096. NOT tuned on hardware yet.
+# BLOCK_K = 128 = two blocks of the default blocksize (one scale per tile row and block). Small M: the grid is
+# N / BLOCK_N programs, so BLOCK_N shrinks to keep >= 1 program per SM at N = 4096. NOT tuned on hardware yet.
 HEURISTICS: dict[tuple, LaunchConfig] = {
-    ("fwd", 9, 64): _C(64, 32, 64, 8, 4, 4),
-    ("fwd", 9, 256): _C(64, 128, 64, 8, 4, 4),
-    # M > 256: 64-row tiles with one warpgroup (sass_report, register lookup: 5.8 instructions per weight,
-    # 158 registers, 51-64 KB shared: 3 CTAs per SM, so one CTA's dequantization overlaps another's wgmma;
-    # 128x128x64 w8 took 7.2 per weight; 64x128x128 w4 5.5 but 231 registers: 2 CTAs per SM).
-    ("fwd", 9, 1024): _C(64, 128, 64, 8, 4, 3),
-    ("fwd", 9, None): _C(64, 128, 64, 8, 4, 4),
-    ("dx", 9, 64): _C(64, 64, 64, 8, 4, 4),
+    # BLOCK_K = 2 blocks (128 at blocksize 64) wherever it fits: the fast path then holds one whole block row
+    # per thread (nf4_tile_fast, PERM_K: one 16-entry table per 64 weights instead of one per 32) and the
+    # fixed per-iteration work spreads over twice the weights. sass_report, sm_90, bf16, double quant:
+    # forward 5.83 -> 4.82 instructions per weight, dx 5.80 -> 5.09, decode 5.58 -> 4.66.
+    ("fwd", 9, 64): _C(64, 32, 128, 8, 4, 4),  # 9.1 per weight (64x32x64: 12.4)
+    ("fwd", 9, 256): _C(64, 128, 128, 8, 4, 3),
+    # M > 256: 64-row tiles with one warpgroup: 4.8 per weight, 216 registers, 100-102 KB shared: 2 CTAs per
+    # SM, so one CTA's dequantization overlaps the other's wgmma (64x128x64: 5.8, 158 registers, 3 CTAs).
+    ("fwd", 9, 1024): _C(64, 128, 128, 8, 4, 3),
+    ("fwd", 9, None): _C(64, 128, 128, 8, 4, 3),
+    ("dx", 9, 64): _C(64, 64, 128, 8, 4, 4),  # 5.1 per weight (64x64x64: 7.5)
     ("dx", 9, 256): _C(64, 64, 128, 8, 4, 4),
-    ("dx", 9, 1024): _C(64, 64, 128, 8, 4, 3),  # as the forward: 5.8 per weight, 3 CTAs per SM
+    ("dx", 9, 1024): _C(64, 64, 128, 8, 4, 3),  # 5.1 per weight, 3 CTAs per SM
     ("dx", 9, None): _C(64, 64, 128, 8, 4, 4),
     # decode: block_m 16 = tl.dot on mma tiles for every M <= 16 (its loads are software-pipelined with
-    # cp.async; the M = 1 register-FMA variant, block_m 1, is not: the bench compares both). BLOCK_K = 64 =
-    # the blocksize and 128 rows: the register lookup's fast path at 64 weights per thread (sass_report:
-    # 5.6 instructions per weight; 16x128x128 5.3 with 164 registers, 16x256x64 w8 5.7); split-K fills the SMs.
-    ("decode", 9, 16): _C(16, 128, 64, 1, 4, 4),
+    # cp.async; the M = 1 register-FMA variant, block_m 1, is not: the bench compares both). 128 rows x 128
+    # columns: 4.7 instructions per weight, 145-149 registers, 74 KB shared (16x256x128: 4.4 but 239
+    # registers and 136 KB, one CTA per SM); split-K fills the SMs.
+    ("decode", 9, 16): _C(16, 128, 128, 1, 4, 4),
     # sm_80 (A100; also used for 8.6/8.9 and anything older/newer not listed): mma.sync tiles.
-    ("fwd", 8, 64): _C(64, 32, 64, 8, 4, 3),
-    ("fwd", 8, 256): _C(64, 128, 64, 8, 8, 3),  # 4 warps spilled 4 B with triton 3.6
+    ("fwd", 8, 64): _C(64, 32, 128, 8, 4, 3),  # 8.8 per weight
+    ("fwd", 8, 256): _C(64, 128, 128, 8, 8, 3),  # 6.1 per weight, 190 registers
+    # 128-row tiles halve the dequantization per output; 128x128x128 spilled 124 B (triton 3.9)
     ("fwd", 8, 1024): _C(128, 128, 64, 8, 8, 3),
     ("fwd", 8, None): _C(128, 128, 64, 8, 8, 3),
-    ("dx", 8, 64): _C(64, 64, 64, 8, 4, 3),
+    ("dx", 8, 64): _C(64, 64, 128, 8, 4, 3),  # 5.9 per weight
     ("dx", 8, 256): _C(64, 64, 128, 8, 4, 3),
-    ("dx", 8, 1024): _C(128, 64, 64, 8, 8, 3),  # BLOCK_K 128 spilled 40 B with triton 3.6
-    ("dx", 8, None): _C(128, 64, 64, 8, 8, 3),
-    ("decode", 8, 16): _C(16, 128, 64, 1, 4, 3),  # sass_report: 5.6 instructions per weight
+    ("dx", 8, 1024): _C(128, 64, 128, 8, 8, 3),  # 9.3 per weight (128x64x64: 12.3); triton 3.6 spilled 40 B
+    ("dx", 8, None): _C(128, 64, 128, 8, 8, 3),
+    ("decode", 8, 16): _C(16, 128, 128, 1, 4, 3),  # 4.6 per weight (16x128x64: 5.6)
     # interpreter: small tiles (it runs every program in Python)
     ("fwd", 0, None): _C(32, 32, 32, 4, 4, 1),
     ("dx", 0, None): _C(32, 32, 32, 4, 4, 1),

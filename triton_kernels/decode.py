@@ -27,7 +27,7 @@ from ._common import (
     weight_args, weight_flags,
 )
 from .configs import LaunchConfig, pick_config
-from .nf4_tile import nf4_w_tile
+from .nf4_tile import nf4_w_tile, perm_k
 
 
 @triton.jit
@@ -50,14 +50,18 @@ def _nf4_decode_kernel(
     m_ok = rm < M
     k_start = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k_start + rk)[None, :] * stride_xk
+    # PERM: the W tile's columns arrive in perm_k order (nf4_tile_fast); x's follow. Not for the register-FMA
+    # variant (BLOCK_M == 1): its [BLOCK_N, BLOCK_K] tile then loads in 8-byte pieces (ptxas) for no gain
+    PERM: tl.constexpr = FAST and BLOCK_K >= 2 * BLOCKSIZE and BLOCK_M > 1
+    xk = perm_k(rk, BLOCKSIZE) if PERM else rk
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k_start + xk)[None, :] * stride_xk
 
     if BLOCK_M == 1:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
             w = nf4_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, 0, k0, N, K,
-                           BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM)
+                           BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM, PERM)
             acc2 += w.to(ACT).to(tl.float32) * x.to(tl.float32)
             x_ptrs += BLOCK_K * stride_xk
         acc = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_N))
@@ -66,7 +70,7 @@ def _nf4_decode_kernel(
         for k0 in range(k_start, k_end, BLOCK_K):
             x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
             w = nf4_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, 0, k0, N, K,
-                           BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM)
+                           BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM, PERM)
             if UPCAST:
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(ACT).to(tl.float32)), acc, input_precision="ieee")
             else:

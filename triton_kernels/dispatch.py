@@ -28,16 +28,16 @@ under "crossover"; put measured values in MEASURED_CROSSOVER or DEVICE_MODEL["fu
 eta comes from bench/sass_report.py's static model of the compiled kernels (the forward's main loop counted
 in its SASS: instructions issued per dequantized weight against the tensor-core time, overlapped only when
 two CTAs share an SM): its roofline fraction of the forward at M = N = K = 4096, bf16, double quant
-(bench/results/sass-sm90.json: 0.895 with 5.8 instructions per weight, 3 CTAs per SM; the first register
-lookup: 0.703 at 7.4; the kernels before it: 0.404 at 15.4). That model is an optimistic bound (one
-instruction per scheduler per clock, no stalls). With P = 788 TFLOP/s and BW = 4.3 TB/s (both measured on
-this workplace's H200) and eta = 0.895, `crossover_m` gives for N = K = 4096: M* = 2366 (r = 0), 10153
-(r = 16), 7340 (r = 64); 8192 x 8192, r = 16: 3405; 14336 x 4096, r = 16: 8027. So M <= 16 -> decode, M up
-to a few thousand -> fused, larger M -> dequant + cuBLAS. On sm_80 the model puts the forward at the
-tensor-core bound (eta = 1.0: mma.sync time exceeds the issue time); both eta are unmeasured upper bounds,
-so routing caps them at UNMEASURED_EFF_CAP = 0.9 until a measured value (DEVICE_MODEL[cap]["measured"] =
-True) replaces them. Measured crossovers go into MEASURED_CROSSOVER, which
-takes precedence over the model.
+(bench/results/sass-sm90.json: 1.0, tensor-bound, with 4.8 instructions per weight and 2 CTAs per SM; the
+register lookup with one block per tile row: 0.895 at 5.8; the first register lookup: 0.703 at 7.4; the
+kernels before it: 0.404 at 15.4). That model is an optimistic bound (one instruction per scheduler per
+clock, no stalls), so routing caps every unmeasured eta at UNMEASURED_EFF_CAP = 0.9 until a measured value
+(DEVICE_MODEL[cap]["measured"] = True) replaces it. With P = 788 TFLOP/s and BW = 4.3 TB/s (both measured on
+this workplace's H200) and eta = 0.9, `crossover_m` gives for N = K = 4096: M* = 2498 (r = 0), 12606
+(r = 16), 8548 (r = 64); 8192 x 8192, r = 16: 3714; 14336 x 4096, r = 16: 9957. So M <= 16 -> decode, M up
+to a few thousand -> fused, larger M -> dequant + cuBLAS. On sm_80 the model also puts the forward at the
+tensor-core bound (eta = 1.0: mma.sync time exceeds the issue time). Measured crossovers go into
+MEASURED_CROSSOVER, which takes precedence over the model.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ from .linear_fwd import nf4_linear
 # Roofline constants for the crossover model (see module docstring). peak/copy for sm_90: measured on an
 # H200 of this workplace (bf16 8192^3 matmul 788 TFLOP/s, device copy 4.3 TB/s read+write); sm_80: A100
 # datasheet x 0.9 (unmeasured). fused_eff: bench/sass_report.py's model (not measured), i.e. the roofline
-# fraction of the forward at 4096^3 in bench/results/sass-sm90.json / sass-sm80.json.
+# fraction of the forward at 4096^3 in bench/results/sass-sm90.json / sass-sm80.json (routing caps it at 0.9).
 DEVICE_MODEL = {
-    9: dict(peak_tflops=788.0, copy_gbs=4300.0, fused_eff=0.895, launch_us=2.0),
+    9: dict(peak_tflops=788.0, copy_gbs=4300.0, fused_eff=1.0, launch_us=2.0),
     8: dict(peak_tflops=280.0, copy_gbs=1800.0, fused_eff=1.0, launch_us=3.0),
 }
 # The static model has no stalls, so it can only overrate the fused kernel (sm_80 reads 1.0: tensor-core

@@ -18,7 +18,7 @@ from ._common import (
     weight_args, weight_flags,
 )
 from .configs import LaunchConfig, pick_config
-from .nf4_tile import nf4_w_tile
+from .nf4_tile import nf4_w_tile, perm_k
 
 
 @triton.jit
@@ -45,7 +45,10 @@ def _nf4_linear_dx_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = pid_k * BLOCK_K
-    rk = k0 + tl.arange(0, BLOCK_K)
+    # PERM: the W tile's columns (dx's) arrive in perm_k order (nf4_tile_fast); the epilogue and the store
+    # use the same order
+    PERM: tl.constexpr = FAST and BLOCK_K >= 2 * BLOCKSIZE
+    rk = k0 + (perm_k(tl.arange(0, BLOCK_K), BLOCKSIZE) if PERM else tl.arange(0, BLOCK_K))
     rn = tl.arange(0, BLOCK_N)
     m_ok = rm < M
     dy_ptrs = dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn[None, :] * stride_dyn
@@ -59,7 +62,7 @@ def _nf4_linear_dx_kernel(
         else:
             dy = tl.load(dy_ptrs, mask=m_ok[:, None] & ((n0 + rn) < N)[None, :], other=0.0)
         w = nf4_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, n0, k0, N, K,
-                       BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM)
+                       BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM, PERM)
         if UPCAST:
             acc = tl.dot(dy.to(tl.float32), w.to(ACT).to(tl.float32), acc, input_precision="ieee")
         else:

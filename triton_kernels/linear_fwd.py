@@ -18,7 +18,7 @@ from ._common import (
     weight_args, weight_flags,
 )
 from .configs import LaunchConfig, pick_config
-from .nf4_tile import nf4_w_tile
+from .nf4_tile import nf4_w_tile, perm_k
 
 
 @triton.jit
@@ -47,7 +47,11 @@ def _nf4_linear_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
-    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+    # PERM: the W tile arrives with its columns in perm_k order (nf4_tile_fast); x's columns follow, the dot
+    # sums over them alike
+    PERM: tl.constexpr = FAST and BLOCK_K >= 2 * BLOCKSIZE
+    xk = perm_k(rk, BLOCKSIZE) if PERM else rk
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + xk[None, :] * stride_xk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -59,7 +63,7 @@ def _nf4_linear_kernel(
         else:
             x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
         w = nf4_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, 0, k0, N, K,
-                       BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM)
+                       BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM, PERM)
         if UPCAST:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(ACT).to(tl.float32)), acc, input_precision="ieee")
         else:

@@ -109,15 +109,23 @@ def nf4_tile(
 # byte permutes (lookup_asm: 22 instructions per word, two 16-bit values per output register). No memory
 # access per weight.
 #
-# sm_90 SASS of the forward's main loop (64x128x64, 4 warps: 64 weights per thread and iteration, 373
-# instructions = 5.83 per weight; bench/sass_report.py): lookup 177 (8 words x 22), tables 62 (each thread
-# holds two half rows, Triton's layout of a 16-byte-per-thread [R, G, 8] load, so it builds two tables of 31:
-# 15 FMUL, 8 F2FP, 8 PRMT), scale rebuild + its move to the words' layout 8, 16-byte stores of the tile 8,
-# wgmma + fences/barriers 36, cp.async copies 15, address arithmetic + pipeline bookkeeping 65, words from
-# shared 2. Tried, not kept (triton 3.9): words loaded as [2 (chunk), R, G, 4] put a whole row in one thread
-# (one table per 64 weights) but need a permute before the [R, 64] reshape; the result is a linear layout,
-# for which the sm_90 dot-operand pass fails ("Illegal shared layout"; the same with two 32-column dots: a
-# 128-byte swizzle for 64-byte rows) or picks an N-major shared tile (64 STS.U16 instead of 8 STS.128).
+# Thread layout (PERM_K, BLOCK_K = G * BLOCKSIZE with G >= 2): the block row's 32 bytes arrive as two [R, G, 4]
+# int32 loads of the same shape, which Triton gives the same 16-byte-per-thread layout, so one thread holds a
+# whole (row, block): one table per 64 weights, and adjacent lanes hold adjacent blocks of the row (so the
+# dot operand's shared tile stays K-major: 16-byte stores). The two halves' values are joined without a
+# permute, which leaves the tile's columns in the order k = g BLOCKSIZE + h BLOCKSIZE / 2 + 8 w + p at
+# position g BLOCKSIZE + 16 w + 8 h + p (perm_k); the kernels load their activations (or store dx) in the same
+# order. Without PERM_K (one block per tile row) a thread holds half a row and builds a table per 32 weights.
+#
+# sm_90 SASS of the forward's main loop (64x128x128, 4 warps, PERM_K: 128 weights per thread and iteration,
+# 617 instructions = 4.82 per weight; bench/sass_report.py): lookup 352 (16 words x 22), tables 62 (two
+# (row, block) tables of 31: 15 FMUL, 8 F2FP, 8 PRMT), the rest 203 = 1.6 per weight (wgmma and its fences,
+# cp.async copies of x, words and scales, the tile's 16-byte shared stores, the scale rebuild, address and
+# pipeline bookkeeping). Before PERM_K (64x128x64: 64 weights per thread) 373 = 5.83 per weight: two tables
+# per 64 weights and the same fixed work over half the weights. Tried, not kept (triton 3.9): a whole row per
+# thread with ONE block per tile row (G = 1) makes Triton's dot-operand pass fail ("Illegal shared layout"),
+# and behind an opaque op it picks an N-major shared tile (the thread's lanes run along N): 64 STS.U16
+# instead of 8 STS.128, 6.4 per weight.
 def _nf4_values() -> list:
     # the format's table (_format.NF4_TABLE), as float32 bit patterns; literal so this module imports alone
     bits = (0xBF800000, 0xBF3239B1, 0xBF066B30, 0xBECA32A0, 0xBE91A24D, 0xBE3D353F, 0xBDBA7871, 0x00000000,
@@ -214,21 +222,50 @@ def _lookup(words, p0, p1, p2, p3, p4, p5, p6, p7, ACT: tl.constexpr):
 
 
 @triton.jit
+def _lookup_parts(words, p0, p1, p2, p3, p4, p5, p6, p7, ACT: tl.constexpr):
+    """The 8 values of each word (codes 0..7 in memory order) as 8 tensors of the words' shape."""
+    q0, q1, q2, q3 = tl.inline_asm_elementwise(
+        _LOOKUP_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, p0, p1, p2, p3, p4, p5, p6, p7],
+        dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    t0, t1 = _halves(q0, ACT)
+    t2, t3 = _halves(q1, ACT)
+    t4, t5 = _halves(q2, ACT)
+    t6, t7 = _halves(q3, ACT)
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
+def _code_parts(words):
+    """The 8 codes of each word in memory order (byte j = code 2j << 4 | code 2j + 1, little-endian)."""
+    return ((words >> 4) & 0xF, words & 0xF, (words >> 12) & 0xF, (words >> 8) & 0xF,
+            (words >> 20) & 0xF, (words >> 16) & 0xF, (words >> 28) & 0xF, (words >> 24) & 0xF)
+
+
+@triton.jit
+def perm_k(rk, BLOCKSIZE: tl.constexpr):
+    """Column of W (and x) at tile position rk on the PERM_K path (runs of 8 stay contiguous)."""
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    k = (rk // BLOCKSIZE) * BLOCKSIZE + ((rk // 8) % 2) * HALF + ((rk % BLOCKSIZE) // 16) * 8 + rk % 8
+    return tl.max_contiguous(tl.multiple_of(k, 8), 8)  # runs of 8 from multiples of 8: 16-byte loads
+
+
+@triton.jit
 def nf4_tile_fast(
     packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr,
     rows, row0, k0, K,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr, ACT: tl.constexpr, LUT_ASM: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, ACT: tl.constexpr, LUT_ASM: tl.constexpr, PERM_K: tl.constexpr = False,
 ):
     """W[row0 + rows, k0:k0 + BLOCK_K] in ACT (float16 / bfloat16), on the aligned fast path only:
     every row < N, K % BLOCK_K == 0, BLOCK_K a multiple of BLOCKSIZE, k0 a multiple of BLOCK_K (no masks).
 
     The packed bytes load as int32 words (8 codes each; 16-byte vector loads, which Triton can pipeline);
     LUT_ASM: the register lookup above (PTX); else the same values computed by the reference's gather (the
-    interpreter runs this path).
+    interpreter runs this path). PERM_K (needs BLOCK_K >= 2 BLOCKSIZE): one thread per (row, block) and the
+    tile's columns in perm_k order (see above); the caller orders its activations alike.
     """
     tl.static_assert(BLOCK_K % BLOCKSIZE == 0, "the fast path needs BLOCK_K a multiple of BLOCKSIZE")
-    G: tl.constexpr = BLOCK_K // BLOCKSIZE  # blocks per tile row (1 at the default configs)
+    G: tl.constexpr = BLOCK_K // BLOCKSIZE  # blocks per tile row (2 at the default configs)
     WB: tl.constexpr = BLOCKSIZE // 8  # int32 words per block
     rows64 = rows.to(tl.int64)
     g = tl.arange(0, G)
@@ -239,6 +276,31 @@ def nf4_tile_fast(
     scale = _nf4_scale_all(absmax_ptr, nested_ptr, offset_ptr, dmap_ptr, b, DOUBLE_QUANT)
     word_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
     first = tl.multiple_of(b * WB, [4, 4])  # K % 32 == 0: every block starts on a 16-byte boundary
+    if PERM_K:
+        # the block's two 16-byte halves as two loads of one shape (one layout: a thread holds both); their
+        # values joined half-innermost of the word index: position 16 w + 8 h + p holds k = 32 h + 8 w + p
+        tl.static_assert(G >= 2, "PERM_K needs two blocks per tile row (see the thread layout above)")
+        WH: tl.constexpr = WB // 2
+        wa = tl.load(word_ptr + first[:, :, None] + tl.arange(0, WH)[None, None, :])
+        wb = tl.load(word_ptr + first[:, :, None] + WH + tl.arange(0, WH)[None, None, :])
+        if LUT_ASM:
+            scale = tl.max(tl.broadcast_to(scale[:, :, None], (BLOCK_R, G, WH)), axis=2)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _table(scale, ACT)
+            ta = _lookup_parts(wa, p0[:, :, None], p1[:, :, None], p2[:, :, None], p3[:, :, None],
+                               p4[:, :, None], p5[:, :, None], p6[:, :, None], p7[:, :, None], ACT)
+            tb = _lookup_parts(wb, p0[:, :, None], p1[:, :, None], p2[:, :, None], p3[:, :, None],
+                               p4[:, :, None], p5[:, :, None], p6[:, :, None], p7[:, :, None], ACT)
+        else:
+            ta = _code_parts(wa)
+            tb = _code_parts(wb)
+        v = _interleave8(tl.join(ta[0], tb[0]), tl.join(ta[1], tb[1]), tl.join(ta[2], tb[2]), tl.join(ta[3], tb[3]),
+                         tl.join(ta[4], tb[4]), tl.join(ta[5], tb[5]), tl.join(ta[6], tb[6]), tl.join(ta[7], tb[7]))
+        if LUT_ASM:
+            w = tl.reshape(v, (BLOCK_R, BLOCK_K))
+        else:
+            codes = tl.reshape(v, (BLOCK_R, G, BLOCKSIZE))
+            w = tl.reshape((tl.load(nf4_ptr + codes) * scale[:, :, None]).to(ACT), (BLOCK_R, BLOCK_K))
+        return w
     words = tl.load(word_ptr + first[:, :, None] + tl.arange(0, WB)[None, None, :])  # [R, G, WB]
     if LUT_ASM:
         # The table is built where the words are: Triton spreads a row's words over 2 threads (16 bytes each),
@@ -271,13 +333,15 @@ def nf4_w_tile(
     rn, n0, k0, N, K,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     FAST: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, ACT: tl.constexpr, LUT_ASM: tl.constexpr,
+    PERM_K: tl.constexpr = False,
 ):
     """W[n0 + rn, k0:k0 + BLOCK_K]: the register-lookup fast path when FAST (every kernel's aligned case; n0
     stays a separate scalar so the block index stays uniform), else the general masked loader (float32)."""
     if FAST:
         w = nf4_tile_fast(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, n0, k0, K,
-                          BLOCK_R, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM)
+                          BLOCK_R, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ACT, LUT_ASM, PERM_K)
     else:
         w = nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, n0 + rn, k0, N, K,
                      BLOCK_R, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED)
     return w
+
