@@ -77,6 +77,14 @@ MEASURED_CROSSOVER: dict[tuple, int] = {}
 _plan_override: Optional[str | Callable] = None
 
 
+def _decode_cuda(*args):
+    """qlora_kernels._ops.nf4_decode_cuda (None when it does not take the call). Imported on use: _ops imports
+    this package lazily too."""
+    from .._ops import nf4_decode_cuda
+
+    return nf4_decode_cuda(*args)
+
+
 # ------------------------------------------------------------------------------------------ crossover model
 def predict_seconds(plan: str, M: int, N: int, K: int, r: int, cap: int = 9, bytes_per_act: int = 2) -> float:
     """Roofline estimate of one forward (or dx) call for plan "fused" or "dequant" (see module docstring)."""
@@ -151,7 +159,9 @@ def nf4_linear_triton(x, packed, absmax, nested_absmax, offset, out_features, in
     plan = plan_linear("fwd", M, out_features, in_features, r, x.device)
     args = (x, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, lora_u, lora_b, scaling, bias)
     if plan == "decode":
-        return nf4_decode(*args)
+        # the CUDA decode GEMM (csrc/nf4_decode_cuda.cu) where it takes the call; the Triton decode otherwise
+        y = _decode_cuda(*args) if x.is_cuda else None
+        return y if y is not None else nf4_decode(*args)
     if plan == "fused":
         return nf4_linear(*args)
     w = _dequant_matrix(packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, x.dtype)
