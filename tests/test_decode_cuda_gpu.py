@@ -63,18 +63,18 @@ def test_decode_cuda_matches_reference(w, dtype, M):
     U = (torch.randn(M, r, generator=g) * 0.1).to("cuda", dtype)
     B = (torch.randn(N, r, generator=g) * 0.05).to("cuda", dtype)
     bias = torch.randn(N, generator=g).to("cuda", dtype)
+    base_exact, base_plain = x.double() @ w64.t(), x @ w64.t().to(dtype)
     for lora, with_bias in ((False, False), (True, True), (True, False), (False, True)):
+        exact, plain = base_exact, base_plain
+        if lora:
+            exact = exact + 0.5 * (U.double() @ B.double().t())
+            plain = plain + 0.5 * (U @ B.t())
+        if with_bias:
+            exact, plain = exact + bias.double(), plain + bias
         for split in (None, 1, 2, max(1, K // 1024)):
             y = _ops.nf4_decode_cuda(x, p, a, n, o, N, K, bs, U if lora else None, B if lora else None, 0.5,
                                      bias if with_bias else None, split=split)
             assert y is not None, "the CUDA decode did not take a supported shape"
-            exact = x.double() @ w64.t().cuda()
-            plain = x @ w64.t().cuda().to(dtype)
-            if lora:
-                exact = exact + 0.5 * (U.double() @ B.double().t())
-                plain = plain + 0.5 * (U @ B.t())
-            if with_bias:
-                exact, plain = exact + bias.double(), plain + bias
             _check(y, exact, plain, f"M={M} lora={lora} bias={with_bias} split={split}")
 
 
