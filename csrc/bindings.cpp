@@ -105,7 +105,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("blocksize"), py::arg("dtype_code"),
         "Whether the CUDA decode GEMM takes this shape (M <= 16, K % 256 == 0, K % blocksize == 0, blocksize >= 64, "
         "fp16/bf16); False without CUDA.");
-  m.def("nf4_decode_cuda", &qk::nf4_decode_cuda, nogil, py::arg("y_ptr"), py::arg("part_ptr"), py::arg("x_ptr"),
+  m.def("nf4_decode_cuda", &qk::nf4_decode_cuda, nogil, py::arg("y_ptr"), py::arg("part_ptr"), py::arg("counters_ptr"), py::arg("x_ptr"),
         py::arg("packed_ptr"), py::arg("absmax_ptr"), py::arg("nested_absmax_ptr"), py::arg("offset_ptr"),
         py::arg("dynamic_map_ptr"), py::arg("lora_u_ptr"), py::arg("lora_b_ptr"), py::arg("bias_ptr"), py::arg("m"),
         py::arg("n"), py::arg("k"), py::arg("r"), py::arg("ldx"), py::arg("ldy"), py::arg("su_m"), py::arg("su_r"),

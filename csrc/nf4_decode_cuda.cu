@@ -6,8 +6,9 @@
 // 256-wide tiles w, w + 4, ... Per tile a lane issues its four 16-byte W loads (2 rows x 32 bytes) and eight
 // (sixteen) 16-byte x loads before any arithmetic, builds two product tables (16 FMUL + 8 cvt + 8 PRMT each)
 // and dequantizes straight into A fragments (2 PRMT per weight). The 4 warps' accumulators are summed in a
-// fixed order through shared memory; split > 1 writes fp32 partials [split, M, N] that nf4_decode_reduce
-// sums in split order (deterministic, no atomics) before the LoRA + bias epilogue.
+// fixed order through shared memory; split > 1 writes fp32 partials [split, M, N], summed in split order
+// (deterministic; no atomics on the output) before the LoRA + bias epilogue: by the row group's last CTA
+// (a per-row-group arrival counter, reset by that CTA) or, without counters, by nf4_decode_reduce_kernel.
 //
 // Fast path only: K % 256 == 0, K % blocksize == 0, blocksize >= 64, 16-byte aligned packed / x, M <= 16, fp16 / bf16.
 // Other shapes return false ("not supported"): the caller runs the Triton decode.
@@ -89,7 +90,8 @@ __device__ __forceinline__ void finish(uint16_t* y, int64_t ldy, const Epilogue&
 // MT: n8 tiles (1: M <= 8, 2: M <= 16).
 template <int DT, bool NESTED, int MT>
 __global__ void __launch_bounds__(kThreads)
-    nf4_decode_kernel(uint16_t* __restrict__ y, float* __restrict__ part, const uint16_t* __restrict__ x,
+    nf4_decode_kernel(uint16_t* __restrict__ y, float* __restrict__ part, unsigned* __restrict__ counters,
+                      const uint16_t* __restrict__ x,
                       const uint8_t* __restrict__ packed, const void* __restrict__ absmax,
                       const float* __restrict__ nested, const float* __restrict__ offset,
                       const float* __restrict__ dmap, Epilogue e, int64_t ldx, int64_t ldy, int M, int N, int K,
@@ -117,6 +119,9 @@ __global__ void __launch_bounds__(kThreads)
   // NF4 block of (row, k) = row * (K / blocksize) + k / blocksize (K % blocksize == 0; < 2^31 blocks)
   const int ba = ra * (K >> log2bs), bb = rb * (K >> log2bs);
   int k_lane = t0 * dec::kTileK + dec::kLaneK * dec::lane_t(lane);
+  // word_sel's constant in a register (N >> 31 is 0, unknown to the compiler): else sm_80 takes it from the
+  // constant bank, and LOP3 cannot take that and the mask immediate at once (2 LOP3 per 8 codes instead of 1)
+  const uint32_t base = sel_base | ((uint32_t)N >> 31);
 
   float c[MT][4];
 #pragma unroll
@@ -140,7 +145,7 @@ __global__ void __launch_bounds__(kThreads)
     const dec::Table tb = dec::make_table<DT>(block_scale<NESTED>(absmax, nested, dmap, off, bb + kb));
     dec::WordSel sa[8], sb[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) sa[j] = dec::word_sel(wa[j], sel_base), sb[j] = dec::word_sel(wb[j], sel_base);
+    for (int j = 0; j < 8; ++j) sa[j] = dec::word_sel(wa[j], base), sb[j] = dec::word_sel(wb[j], base);
 #pragma unroll
     for (int s = 0; s < dec::kSteps; ++s) {
       uint32_t a[4];
@@ -175,6 +180,25 @@ __global__ void __launch_bounds__(kThreads)
     else
       part[((int64_t)blockIdx.y * M + m) * N + n] = acc;
   }
+  if (gridDim.y == 1 || counters == nullptr) return;  // one slice, or nf4_decode_reduce_kernel sums the slices
+  // Split-K in this launch: the last CTA of the row group to finish sums the slices in slice order (the
+  // result does not depend on which CTA is last) and resets the counter for the next launch / graph replay.
+  __shared__ bool s_last;
+  __threadfence();  // this CTA's partials are visible device-wide before the count says so
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int o = threadIdx.x; o < dec::kRows * 8 * MT; o += kThreads) {
+    const int row = o / (8 * MT), m = o % (8 * MT), n = n0 + row;
+    if (m >= M || n >= N) continue;
+    const float* p = part + (int64_t)m * N + n;
+    float acc = __ldcg(p);  // L2: other SMs wrote these
+    for (unsigned sl = 1; sl < gridDim.y; ++sl) acc = f_add(acc, __ldcg(p + (int64_t)sl * M * N));
+    finish<DT>(y, ldy, e, m, n, acc);
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
 }
 
 template <int DT>
@@ -189,13 +213,13 @@ __global__ void __launch_bounds__(256) nf4_decode_reduce_kernel(uint16_t* __rest
 }
 
 template <int DT, bool NESTED>
-void launch(int mt, dim3 grid, cudaStream_t st, uint16_t* y, float* part, const uint16_t* x, const uint8_t* p,
+void launch(int mt, dim3 grid, cudaStream_t st, uint16_t* y, float* part, unsigned* cnt, const uint16_t* x, const uint8_t* p,
             const void* a, const float* ne, const float* of, const float* dm, const Epilogue& e, int64_t ldx,
             int64_t ldy, int M, int N, int K, int tps, int lb) {
   if (mt == 1)
-    nf4_decode_kernel<DT, NESTED, 1><<<grid, kThreads, 0, st>>>(y, part, x, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb, 0x32103210u);
+    nf4_decode_kernel<DT, NESTED, 1><<<grid, kThreads, 0, st>>>(y, part, cnt, x, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb, 0x32103210u);
   else
-    nf4_decode_kernel<DT, NESTED, 2><<<grid, kThreads, 0, st>>>(y, part, x, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb, 0x32103210u);
+    nf4_decode_kernel<DT, NESTED, 2><<<grid, kThreads, 0, st>>>(y, part, cnt, x, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb, 0x32103210u);
 }
 
 }  // namespace
@@ -206,7 +230,7 @@ bool nf4_decode_cuda_supported(int64_t m, int64_t n, int64_t k, int64_t blocksiz
          k < (int64_t(1) << 30) && n < (int64_t(1) << 30);
 }
 
-bool nf4_decode_cuda(uintptr_t y, uintptr_t part, uintptr_t x, uintptr_t packed, uintptr_t absmax,
+bool nf4_decode_cuda(uintptr_t y, uintptr_t part, uintptr_t counters, uintptr_t x, uintptr_t packed, uintptr_t absmax,
                      uintptr_t nested_absmax, uintptr_t offset, uintptr_t dynamic_map, uintptr_t lora_u,
                      uintptr_t lora_b, uintptr_t bias, int64_t m, int64_t n, int64_t k, int64_t r, int64_t ldx,
                      int64_t ldy, int64_t su_m, int64_t su_r, int64_t sb_n, int64_t sb_r, double scaling,
@@ -243,6 +267,7 @@ bool nf4_decode_cuda(uintptr_t y, uintptr_t part, uintptr_t x, uintptr_t packed,
   const cudaStream_t st = as_stream(stream);
   auto* yp = reinterpret_cast<uint16_t*>(y);
   auto* pp = reinterpret_cast<float*>(part);
+  auto* cp = reinterpret_cast<unsigned*>(counters);
   const auto* xp = reinterpret_cast<const uint16_t*>(x);
   const auto* p = reinterpret_cast<const uint8_t*>(packed);
   const void* a = reinterpret_cast<const void*>(absmax);
@@ -254,14 +279,14 @@ bool nf4_decode_cuda(uintptr_t y, uintptr_t part, uintptr_t x, uintptr_t packed,
   while ((int64_t(1) << lb) < blocksize) ++lb;
   const bool dq = nested_absmax != 0;
   if (dtype == kFloat16) {
-    if (dq) launch<kFloat16, true>(mt, grid, st, yp, pp, xp, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb);
-    else launch<kFloat16, false>(mt, grid, st, yp, pp, xp, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb);
+    if (dq) launch<kFloat16, true>(mt, grid, st, yp, pp, cp, xp, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb);
+    else launch<kFloat16, false>(mt, grid, st, yp, pp, cp, xp, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb);
   } else {
-    if (dq) launch<kBFloat16, true>(mt, grid, st, yp, pp, xp, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb);
-    else launch<kBFloat16, false>(mt, grid, st, yp, pp, xp, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb);
+    if (dq) launch<kBFloat16, true>(mt, grid, st, yp, pp, cp, xp, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb);
+    else launch<kBFloat16, false>(mt, grid, st, yp, pp, cp, xp, p, a, ne, of, dm, e, ldx, ldy, M, N, K, tps, lb);
   }
   check_launch("nf4_decode");
-  if (used > 1) {
+  if (used > 1 && counters == 0) {
     const unsigned rg = (unsigned)((m * n + 255) / 256);
     if (dtype == kFloat16)
       nf4_decode_reduce_kernel<kFloat16><<<rg, 256, 0, st>>>(yp, pp, e, ldy, M, N, used);

@@ -36,7 +36,7 @@ def test_supported_shapes(m, n, k, bs, dt, ok):
 
 
 def _call(**kw):
-    args = dict(y_ptr=16, part_ptr=0, x_ptr=16, packed_ptr=16, absmax_ptr=16, nested_absmax_ptr=0, offset_ptr=0,
+    args = dict(y_ptr=16, part_ptr=0, counters_ptr=0, x_ptr=16, packed_ptr=16, absmax_ptr=16, nested_absmax_ptr=0, offset_ptr=0,
                 dynamic_map_ptr=0, lora_u_ptr=0, lora_b_ptr=0, bias_ptr=0, m=4, n=256, k=1024, r=0, ldx=1024, ldy=256,
                 su_m=0, su_r=0, sb_n=0, sb_r=0, scaling=1.0, blocksize=64, dtype_code=BF16, split=1, stream=0)
     args.update(kw)

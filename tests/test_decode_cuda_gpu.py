@@ -71,11 +71,16 @@ def test_decode_cuda_matches_reference(w, dtype, M):
             plain = plain + 0.5 * (U @ B.t())
         if with_bias:
             exact, plain = exact + bias.double(), plain + bias
-        for split in (None, 1, 2, max(1, K // 1024)):
+        for split, in_kernel in ((None, True), (1, True), (2, True), (2, False), (max(1, K // 1024), True),
+                                 (max(1, K // 1024), False)):
             y = _ops.nf4_decode_cuda(x, p, a, n, o, N, K, bs, U if lora else None, B if lora else None, 0.5,
-                                     bias if with_bias else None, split=split)
+                                     bias if with_bias else None, split=split, reduce_in_kernel=in_kernel)
             assert y is not None, "the CUDA decode did not take a supported shape"
-            _check(y, exact, plain, f"M={M} lora={lora} bias={with_bias} split={split}")
+            _check(y, exact, plain, f"M={M} lora={lora} bias={with_bias} split={split} in_kernel={in_kernel}")
+            if split == 2:  # deterministic: the two reductions sum the same slices in the same order
+                y2 = _ops.nf4_decode_cuda(x, p, a, n, o, N, K, bs, U if lora else None, B if lora else None, 0.5,
+                                          bias if with_bias else None, split=split, reduce_in_kernel=not in_kernel)
+                assert torch.equal(y, y2)
 
 
 @pytest.mark.parametrize("dq", [True, False])
@@ -84,12 +89,12 @@ def test_decode_cuda_dequantized_values_bit_exact(dtype, dq):
     N, K, bs = 1000, 1024, 64
     (p, a, n, o), _, _ = _weight(N, K, bs, dq)
     wdt = ref.dequantize_nf4_ref(p, a, n, o, N * K, bs, dtype).view(N, K)
-    for split in (1, 4):
+    for split, in_kernel in ((1, True), (4, True), (4, False)):
         for start in range(0, K, 16):  # 16 one-hot rows per call: every k position of every lane and step
             ks = torch.arange(start, start + 16)
             x = torch.zeros(16, K, dtype=dtype)
             x[torch.arange(16), ks] = 1
-            y = _ops.nf4_decode_cuda(x.cuda(), p, a, n, o, N, K, bs, split=split)
+            y = _ops.nf4_decode_cuda(x.cuda(), p, a, n, o, N, K, bs, split=split, reduce_in_kernel=in_kernel)
             assert y is not None
             assert torch.equal(y, wdt[:, ks.cuda()].t()), f"k {start}..{start + 15} split {split}"
 
@@ -145,3 +150,6 @@ def test_decode_cuda_graph_capture():
     torch.cuda.synchronize()
     assert torch.equal(y, _ops.nf4_decode_cuda(x, p, a, n, o, N, K, bs))
     assert not torch.equal(y, want)
+    graph.replay()  # the counters were reset by the last replay: a second replay gives the same result
+    torch.cuda.synchronize()
+    assert torch.equal(y, _ops.nf4_decode_cuda(x, p, a, n, o, N, K, bs))

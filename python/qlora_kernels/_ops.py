@@ -271,12 +271,35 @@ def decode_cuda_split(m: int, n: int, k: int, sm_count: int) -> int:
     return max(1, min(want, ktiles // 4 if ktiles >= 4 else 1))
 
 
+_decode_counters: dict = {}
+
+
+def _decode_counter_buffer(device: torch.device, rows: int) -> Tensor:
+    """uint32 arrival counters of the in-kernel split-K reduction, one per 16 rows, zero between launches (the
+    kernel resets what it used). One buffer per (device, stream): launches on one stream are ordered, two streams
+    must not share counters. While a CUDA graph is captured a buffer made now belongs to the graph (its zero fill
+    is captured too), so it is not cached."""
+    if _capturing_cuda():
+        return torch.zeros(rows, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    buf = _decode_counters.get(key)
+    if buf is None or buf.numel() < rows:
+        buf = _decode_counters[key] = torch.zeros(max(rows, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def _capturing_cuda() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def nf4_decode_cuda(x, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize,
-                    lora_u=None, lora_b=None, scaling=1.0, bias=None, *, split: Optional[int] = None) -> Optional[Tensor]:
+                    lora_u=None, lora_b=None, scaling=1.0, bias=None, *, split: Optional[int] = None,
+                    reduce_in_kernel: bool = True) -> Optional[Tensor]:
     """The CUDA decode GEMM (csrc/nf4_decode_cuda.cu) behind qlora::nf4_linear for M <= 16: y [M, N] in x.dtype,
     or None when it does not take the call (not a CUDA tensor, no native CUDA build, fp32 x, M > 16, a shape or
     alignment outside its fast path: K % 256, K % blocksize, blocksize >= 64), so the caller runs the Triton
-    decode or dequantize + matmul. Same arguments as nf4_linear; split forces the K slices (tests)."""
+    decode or dequantize + matmul. Same arguments as nf4_linear; split forces the K slices (tests);
+    reduce_in_kernel=False sums the K slices in a second kernel instead of the last CTA (tests)."""
     mod = native_module()
     if (not CUDA_DECODE or mod is None or not x.is_cuda or not mod.has_cuda() or x.dim() != 2
             or x.dtype not in (torch.float16, torch.bfloat16)):
@@ -322,8 +345,9 @@ def nf4_decode_cuda(x, packed, absmax, nested_absmax, offset, out_features, in_f
         split = decode_cuda_split(M, N, K, torch.cuda.get_device_properties(x.device).multi_processor_count)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else None
+    counters = (_decode_counter_buffer(x.device, (N + 15) // 16) if split > 1 and reduce_in_kernel else None)
     ran = _native("nf4_decode", x.device, 0)(
-        y.data_ptr(), _ptr(part), x.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _ptr(nested_absmax), _ptr(offset),
+        y.data_ptr(), _ptr(part), _ptr(counters), x.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _ptr(nested_absmax), _ptr(offset),
         device_table("map", x.device).data_ptr() if nested_absmax is not None else 0,
         _ptr(lora_u), _ptr(lora_b), _ptr(bias), M, N, K, r, x.stride(0), y.stride(0),
         lora_u.stride(0) if r else 0, lora_u.stride(1) if r else 0, lora_b.stride(0) if r else 0,
