@@ -3,7 +3,10 @@
 Two decisions, both made on the host per call:
 
 1. `plan_linear`: which implementation runs a call.
-   - "decode": the split-K GEMV (decode.py), forward with M <= 16;
+   - "decode": forward with M <= 16: the CUDA decode GEMM (csrc/nf4_decode_cuda.cu, via
+     qlora_kernels._ops.nf4_decode_cuda) where it takes the call (a native CUDA build, fp16/bf16 x, K % 256 == 0,
+     K % blocksize == 0, blocksize >= 64; QLORA_KERNELS_CUDA_DECODE=0 turns it off), else the split-K GEMV
+     (decode.py);
    - "fused":  the fused dequant-matmul kernel (linear_fwd.py / linear_dx.py);
    - "dequant": dequantize W to a scratch buffer (torch.ops.qlora.dequantize_nf4, native CUDA kernel when
      built), cuBLAS matmul (+ bias through addmm), LoRA through a second addmm.
