@@ -5,6 +5,8 @@
 
 Implementations (same inputs, same run; bf16 on CUDA):
   fused       this package's Triton kernels, always (decode GEMV for M <= 16, else the fused kernel)
+  cuda-decode the CUDA decode GEMM (csrc/nf4_decode_cuda.cu) behind torch.ops.qlora.nf4_linear, fwd at M <= 16
+              (what "dispatched" runs there; "fused" keeps the Triton decode)
   dispatched  torch.ops.qlora.* with the Triton dispatcher's per-shape choice (fused / dequant + cuBLAS)
   deq+mm      PyTorch: dequantize W (torch.ops.qlora.dequantize_nf4), matmul, separate LoRA matmuls
   bnb+peft    bitsandbytes Linear4bit (nf4, double quant) + PEFT LoRA, when both import on the device
@@ -48,7 +50,7 @@ except ImportError:  # run as a script from bench/
 
 import qlora_kernels as qk  # noqa: E402
 
-IMPLS = ("fused", "dispatched", "deq+mm", "bnb+peft", "bf16-lora")
+IMPLS = ("fused", "cuda-decode", "dispatched", "deq+mm", "bnb+peft", "bf16-lora")
 PASSES = ("fwd", "dx", "fwdbwd")
 NF4_BITS = 4.127
 
@@ -74,8 +76,10 @@ class Layer:
         return (p, a, n, o, self.N, self.K, self.W.blocksize)
 
 
-def _ours(L: Layer, plan: str | None):
-    """(fwd, dx, fwdbwd) closures on torch.ops.qlora.* with the Triton backend and a dispatcher plan."""
+def _ours(L: Layer, plan: str | None, cuda_decode: bool = True):
+    """(fwd, dx, fwdbwd) closures on torch.ops.qlora.* with the Triton backend and a dispatcher plan;
+    cuda_decode=False keeps M <= 16 on the Triton decode."""
+    from qlora_kernels import _ops
     from qlora_kernels.triton_kernels import dispatch
 
     wargs = L.wargs()
@@ -83,10 +87,12 @@ def _ours(L: Layer, plan: str | None):
     def with_plan(fn):
         def run():
             dispatch.set_plan_override(plan)
+            saved, _ops.CUDA_DECODE = _ops.CUDA_DECODE, cuda_decode
             try:
                 return fn()
             finally:
                 dispatch.set_plan_override(None)
+                _ops.CUDA_DECODE = saved
         return run
 
     def fwd():
@@ -106,6 +112,25 @@ def _ours(L: Layer, plan: str | None):
         return y, dx_, dA, dB
 
     return with_plan(fwd), with_plan(dx), with_plan(fwdbwd)
+
+
+def _cuda_decode(L: Layer):
+    """fwd through the CUDA decode GEMM only (M <= 16 on a CUDA build); dx / fwdbwd are the other rows' business."""
+    from qlora_kernels import _ops
+
+    mod = _ops.native_module()
+    if L.device.type != "cuda" or L.M > _ops.DECODE_CUDA_MAX_M or mod is None or not mod.has_cuda():
+        raise RuntimeError("the CUDA decode runs fwd at M <= 16 on a CUDA build")
+    wargs = L.wargs()
+
+    def fwd():
+        U = L.x @ L.A.t()
+        y = _ops.nf4_decode_cuda(L.x, *wargs, U, L.B, L.s, L.bias)
+        if y is None:
+            raise RuntimeError("the CUDA decode does not take this shape")
+        return y, U
+
+    return fwd, None, None, "fwd only (M <= 16)"
 
 
 def _dense(L: Layer, weight):
@@ -190,7 +215,8 @@ def run_case(L: Layer, impls, passes, ceilings, rows, notes, graph):
     dev = L.device
     nf4_bytes = L.N * L.K * NF4_BITS / 8
     builders = {
-        "fused": lambda: (*_ours(L, "fused"), None),
+        "fused": lambda: (*_ours(L, "fused", cuda_decode=False), None),
+        "cuda-decode": lambda: _cuda_decode(L),
         "dispatched": lambda: (*_ours(L, None), None),
         "deq+mm": lambda: (*_dense(L, lambda: L.W.dequantize(L.dtype)), None),
         "bnb+peft": lambda: _bnb_peft(L),
@@ -212,7 +238,7 @@ def run_case(L: Layer, impls, passes, ceilings, rows, notes, graph):
             continue
         # ours and the baselines: the same warm-up, repetitions and CUDA-graph treatment (harness.time_cases;
         # an implementation whose graph capture fails is timed without one, and its row says so)
-        fns = {impl: f[pass_] for impl, f in built.items()}
+        fns = {impl: f[pass_] for impl, f in built.items() if f[pass_] is not None}
         try:
             timings = time_cases(fns, dev, warmup=2, reps=5 if dev.type == "cpu" else 20, graph=graph)
         except Exception:  # one implementation failed: time the others alone, note the failure

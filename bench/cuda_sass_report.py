@@ -19,6 +19,12 @@ aligned path (the path every full tile of a 16-byte aligned tensor takes; a thre
   load's result is one latency later). The old dequantize: code byte -> map entry -> (the scale FMUL the
   16-byte load waits behind) -> packed load = 3.
 Writes bench/results/cuda-sass-sm<cap>.json (a list of records) unless --out says otherwise.
+
+The decode GEMM (csrc/nf4_decode_cuda.cu, nf4_decode_kernel<dtype, nested, n8 tiles>) is counted the same way
+into bench/results/cuda-decode-sass-sm<cap>.json (--no-decode skips it): its main loop is the longest backward
+branch whose body holds the HMMAs (one 16 x 256 warp tile: 128 weights per lane per iteration), so
+`instructions_per_weight` = loop instructions / 128, plus memory instructions by width, narrow (< 16-byte)
+global loads per weight, registers and spills. M = 1 runs the one-n8-tile instantiation, M = 16 the two-tile one.
 """
 
 from __future__ import annotations
@@ -345,6 +351,100 @@ def demangle_kernel(name: str) -> tuple[str, str, bool | None] | None:
     return None
 
 
+DECODE_SOURCE = ROOT / "csrc" / "nf4_decode_cuda.cu"
+DECODE_WEIGHTS_PER_ITERATION = 128  # per lane: 2 rows x 64 k of a 16 x 256 warp tile (nf4_decode_layout.h)
+
+
+def demangle_decode(name: str) -> tuple[str, bool, int] | None:
+    """(dtype, nested, n8 tiles) of an nf4_decode_kernel<DT, NESTED, MT> instantiation."""
+    m = re.search(r"\d+nf4_decode_kernelILi(\d)ELb([01])ELi(\d)EE", name)
+    return (DTYPES[int(m.group(1))], m.group(2) == "1", int(m.group(3))) if m else None
+
+
+def decode_loop(instrs: list[tuple[int, str]]) -> tuple[int, int] | None:
+    """(first, last) index of the longest backward branch's body that holds an HMMA."""
+    texts = [t for _, t in instrs]
+    at = {a: i for i, (a, _) in enumerate(instrs)}
+    best = None
+    for i, (a, t) in enumerate(instrs):
+        m = re.search(r"0x([0-9a-f]+)", split_pred(t)[1])
+        if opcode(t).startswith("BRA") and m and int(m.group(1), 16) < a and int(m.group(1), 16) in at:
+            lo = at[int(m.group(1), 16)]
+            if any(opcode(texts[j]).startswith("HMMA") for j in range(lo, i + 1)) and (best is None or i - lo > best[1] - best[0]):
+                best = (lo, i)
+    return best
+
+
+def decode_analyse(instrs: list[tuple[int, str]]) -> dict:
+    loop = decode_loop(instrs)
+    if loop is None:
+        return {}
+    real = [t for _, t in instrs[loop[0] : loop[1] + 1] if opcode(t) != "NOP"]
+    mem: dict[str, int] = {}
+    ops: dict[str, int] = {}
+    for t in real:
+        k = kind(t)
+        if k and not k.startswith("LDC"):
+            mem[k] = mem.get(k, 0) + 1
+        base = opcode(t).split(".")[0]
+        ops[base] = ops.get(base, 0) + 1
+    w = DECODE_WEIGHTS_PER_ITERATION
+    narrow = sum(v for k, v in mem.items() if k.startswith("LDG") and k != "LDG.128")
+    return {
+        "weights_per_lane_per_iteration": w,
+        "loop_instructions": len(real),
+        "instructions_per_weight": round(len(real) / w, 3),
+        "loop_memory": dict(sorted(mem.items())),
+        "loop_opcodes": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        "global_loads_16B": mem.get("LDG.128", 0),
+        "narrow_global_loads_per_weight": round(narrow / w, 4),
+        "hmma": ops.get("HMMA", 0),
+    }
+
+
+def decode_report(cap: int, source: Path | None = DECODE_SOURCE, so: Path | None = None) -> list[dict]:
+    """One record per nf4_decode_kernel instantiation in `so` (a built _C) or compiled from `source`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if so is not None:
+            binary, res = so, resources_of(so, cap)
+            regs = {f: dict(registers=r["registers"], spill_stores=r["local"], spill_loads=r["local"]) for f, r in res.items()}
+            origin = f"cuobjdump -sass -arch sm_{cap} {so}"
+        else:
+            cubin, log = compile_cubin(cap, source)
+            binary = Path(tmp) / "k.cubin"
+            binary.write_bytes(cubin)
+            regs = parse_ptxas(log)
+            origin = f"nvcc -cubin -arch=sm_{cap} -O3 --fmad=false {source.relative_to(ROOT) if source.is_relative_to(ROOT) else source}"
+        sass = sass_of(binary, cap)
+    out = []
+    for name, instrs in functions(sass).items():
+        what = demangle_decode(name)
+        if what is None:
+            continue
+        dtype, nested, mt = what
+        rec = {"kernel": "nf4_decode", "dtype": dtype, "double_quant": nested, "n8_tiles": mt,
+               "case": "M=1 (M<=8)" if mt == 1 else "M=16", "cap": cap, "origin": origin}
+        rec.update(decode_analyse(instrs))
+        r = regs.get(name, {})
+        rec.update(registers=r.get("registers"), spill_stores=r.get("spill_stores"), spill_loads=r.get("spill_loads"))
+        out.append(rec)
+    out.sort(key=lambda r: (r["dtype"], r["double_quant"], r["n8_tiles"]))
+    return out
+
+
+def decode_table(records: list[dict]) -> str:
+    lines = [f"{'decode case':<12}{'dtype':<6}{'dq':<4}{'sm':<4}{'regs':>5}{'spill':>6}{'loop':>6}{'w/lane':>7}"
+             f"{'instr/w':>8}{'narrowLDG/w':>12}  loop memory"]
+    for r in records:
+        spill = (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0)
+        mem = " ".join(f"{k}:{v}" for k, v in r.get("loop_memory", {}).items())
+        lines.append(f"{r['case']:<12}{r['dtype']:<6}{'y' if r['double_quant'] else 'n':<4}{r['cap']:<4}"
+                     f"{r['registers'] or 0:>5}{spill:>6}{r.get('loop_instructions', 0):>6}"
+                     f"{r.get('weights_per_lane_per_iteration', 0):>7}{r.get('instructions_per_weight', 0):>8}"
+                     f"{r.get('narrow_global_loads_per_weight', 0):>12}  {mem}")
+    return "\n".join(lines)
+
+
 def report(cap: int, source: Path | None = SOURCE, so: Path | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         if so is not None:
@@ -399,6 +499,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="file name suffix, e.g. -before")
     ap.add_argument("--label", default=None, help="what the records' `origin` says instead of the command")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode GEMM (csrc/nf4_decode_cuda.cu)")
     args = ap.parse_args(argv)
     for cap in (int(c) for c in args.caps.split(",")):
         recs = report(cap, args.source, args.so)
@@ -411,6 +512,18 @@ def main(argv=None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             path = args.out / f"cuda-sass-sm{cap}{args.tag}.json"
             path.write_text(json.dumps(recs, indent=1) + "\n")
+            print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+        if args.no_decode:
+            continue
+        drecs = decode_report(cap, DECODE_SOURCE, args.so)
+        if args.label:
+            for r in drecs:
+                r["origin"] = args.label
+        print(decode_table(drecs))
+        print()
+        if not args.no_save:
+            path = args.out / f"cuda-decode-sass-sm{cap}{args.tag}.json"
+            path.write_text(json.dumps(drecs, indent=1) + "\n")
             print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0
 

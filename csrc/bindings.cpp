@@ -101,6 +101,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("unpack_nf4_cuda", &qk::unpack_nf4_cuda, nogil, py::arg("codes_ptr"), py::arg("packed_ptr"), py::arg("n"),
         py::arg("stream"));
 
+  m.def("nf4_decode_cuda_supported", &qk::nf4_decode_cuda_supported, py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("blocksize"), py::arg("dtype_code"),
+        "Whether the CUDA decode GEMM takes this shape (M <= 16, K % 256 == 0, K % blocksize == 0, blocksize >= 64, "
+        "fp16/bf16); False without CUDA.");
+  m.def("nf4_decode_cuda", &qk::nf4_decode_cuda, nogil, py::arg("y_ptr"), py::arg("part_ptr"), py::arg("counters_ptr"), py::arg("x_ptr"),
+        py::arg("packed_ptr"), py::arg("absmax_ptr"), py::arg("nested_absmax_ptr"), py::arg("offset_ptr"),
+        py::arg("dynamic_map_ptr"), py::arg("lora_u_ptr"), py::arg("lora_b_ptr"), py::arg("bias_ptr"), py::arg("m"),
+        py::arg("n"), py::arg("k"), py::arg("r"), py::arg("ldx"), py::arg("ldy"), py::arg("su_m"), py::arg("su_r"),
+        py::arg("sb_n"), py::arg("sb_r"), py::arg("scaling"), py::arg("blocksize"), py::arg("dtype_code"),
+        py::arg("split"), py::arg("stream"),
+        "y [m, n] = x @ deq(W)^T + scaling * lora_u @ lora_b^T + bias on the GPU for m <= 16 (mma.sync decode GEMM). "
+        "Returns False (nothing launched) when the shape or alignment is not supported.");
+
   // ---- optimizers: fused AdamW steps (8-bit blockwise and 32-bit states), managed memory for paged states --------
   // Contract in csrc/optim_kernels.h; the Python op layer (qlora::adamw8bit_step, qlora::adamw32bit_step)
   // validates the tensors first.

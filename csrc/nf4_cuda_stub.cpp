@@ -19,6 +19,13 @@ void double_dequantize_cuda(uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_
 void pack_nf4_cuda(uintptr_t, uintptr_t, int64_t, uintptr_t) { no_cuda(); }
 void unpack_nf4_cuda(uintptr_t, uintptr_t, int64_t, uintptr_t) { no_cuda(); }
 
+bool nf4_decode_cuda_supported(int64_t, int64_t, int64_t, int64_t, int64_t) { return false; }
+bool nf4_decode_cuda(uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                     uintptr_t, uintptr_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                     int64_t, double, int64_t, int64_t, int64_t, uintptr_t) {
+  no_cuda();
+}
+
 bool has_cuda() { return false; }
 int cuda_device_count() { return 0; }
 std::string cuda_runtime_version() { return ""; }

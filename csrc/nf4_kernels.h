@@ -47,6 +47,20 @@ void double_dequantize_cuda(uintptr_t absmax_out, uintptr_t codes, uintptr_t nes
 void pack_nf4_cuda(uintptr_t packed, uintptr_t codes, int64_t n, uintptr_t stream);
 void unpack_nf4_cuda(uintptr_t codes, uintptr_t packed, int64_t n, uintptr_t stream);
 
+// Decode GEMM for M <= 16 (nf4_decode_cuda.cu): y [m, n] = x [m, k] @ deq(W)^T + scaling * lora_u @ lora_b^T
+// + bias, x / y / lora_u / lora_b / bias of dtype (1 fp16, 2 bf16), x rows ldx apart, y rows ldy apart. split: K
+// slices (1..k / 256); split > 1 needs part, float32 [split, m, n] scratch, and either counters (uint32, one
+// per 16 rows, zero; left zero after the launch: the last CTA of each row group sums the slices) or 0 (a
+// second kernel sums them). Returns false, launching nothing,
+// for a shape or alignment the fast path does not take (nf4_decode_cuda_supported, 16-byte aligned packed and
+// x, ldx % 8 == 0): the caller then runs another implementation. Bad arguments throw.
+bool nf4_decode_cuda_supported(int64_t m, int64_t n, int64_t k, int64_t blocksize, int64_t dtype);
+bool nf4_decode_cuda(uintptr_t y, uintptr_t part, uintptr_t counters, uintptr_t x, uintptr_t packed, uintptr_t absmax,
+                     uintptr_t nested_absmax, uintptr_t offset, uintptr_t dynamic_map, uintptr_t lora_u,
+                     uintptr_t lora_b, uintptr_t bias, int64_t m, int64_t n, int64_t k, int64_t r, int64_t ldx,
+                     int64_t ldy, int64_t su_m, int64_t su_r, int64_t sb_n, int64_t sb_r, double scaling,
+                     int64_t blocksize, int64_t dtype, int64_t split, uintptr_t stream);
+
 bool has_cuda();
 std::vector<int> cuda_archs();
 int cuda_device_count();  // 0 when there is no driver or no device; never throws

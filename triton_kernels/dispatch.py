@@ -3,7 +3,10 @@
 Two decisions, both made on the host per call:
 
 1. `plan_linear`: which implementation runs a call.
-   - "decode": the split-K GEMV (decode.py), forward with M <= 16;
+   - "decode": forward with M <= 16: the CUDA decode GEMM (csrc/nf4_decode_cuda.cu, via
+     qlora_kernels._ops.nf4_decode_cuda) where it takes the call (a native CUDA build, fp16/bf16 x, K % 256 == 0,
+     K % blocksize == 0, blocksize >= 64; QLORA_KERNELS_CUDA_DECODE=0 turns it off), else the split-K GEMV
+     (decode.py);
    - "fused":  the fused dequant-matmul kernel (linear_fwd.py / linear_dx.py);
    - "dequant": dequantize W to a scratch buffer (torch.ops.qlora.dequantize_nf4, native CUDA kernel when
      built), cuBLAS matmul (+ bias through addmm), LoRA through a second addmm.
@@ -75,6 +78,14 @@ UNMEASURED_EFF_CAP = 0.9
 MEASURED_CROSSOVER: dict[tuple, int] = {}
 
 _plan_override: Optional[str | Callable] = None
+
+
+def _decode_cuda(*args):
+    """qlora_kernels._ops.nf4_decode_cuda (None when it does not take the call). Imported on use: _ops imports
+    this package lazily too."""
+    from .._ops import nf4_decode_cuda
+
+    return nf4_decode_cuda(*args)
 
 
 # ------------------------------------------------------------------------------------------ crossover model
@@ -151,7 +162,9 @@ def nf4_linear_triton(x, packed, absmax, nested_absmax, offset, out_features, in
     plan = plan_linear("fwd", M, out_features, in_features, r, x.device)
     args = (x, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, lora_u, lora_b, scaling, bias)
     if plan == "decode":
-        return nf4_decode(*args)
+        # the CUDA decode GEMM (csrc/nf4_decode_cuda.cu) where it takes the call; the Triton decode otherwise
+        y = _decode_cuda(*args) if x.is_cuda else None
+        return y if y is not None else nf4_decode(*args)
     if plan == "fused":
         return nf4_linear(*args)
     w = _dequant_matrix(packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, x.dtype)

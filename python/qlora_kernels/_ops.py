@@ -9,6 +9,7 @@ checks here guard the raw pointers that cross into `_C`.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -251,6 +252,110 @@ def _(packed, n):
     return packed.new_empty(n, dtype=torch.uint8)
 
 
+# ---------------------------------------------------------------------------------------------- decode (CUDA)
+DECODE_CUDA_MAX_M = 16
+# QLORA_KERNELS_CUDA_DECODE=0 (or CUDA_DECODE = False) keeps M <= 16 on the Triton decode / dequantize path:
+# bench/bench_linear.py times both side by side.
+CUDA_DECODE = os.environ.get("QLORA_KERNELS_CUDA_DECODE", "1").strip() != "0"
+_DECODE_TILE_K = 256  # csrc/nf4_decode_layout.h kTileK
+_DECODE_ROWS = 16     # W rows per CTA
+_DECODE_CTAS_PER_SM = 6  # ~70 registers x 128 threads: 7 CTAs fit an SM; aim at about one full wave
+
+
+def decode_cuda_split(m: int, n: int, k: int, sm_count: int) -> int:
+    """K slices of the CUDA decode GEMM: enough CTAs (16 rows x one slice each) to fill every SM about once,
+    at most one slice per 4 tiles of 256 k (a CTA's 4 warps each take a tile)."""
+    ktiles = max(1, k // _DECODE_TILE_K)
+    rows = (n + _DECODE_ROWS - 1) // _DECODE_ROWS
+    want = (sm_count * _DECODE_CTAS_PER_SM + rows - 1) // max(1, rows)
+    return max(1, min(want, ktiles // 4 if ktiles >= 4 else 1))
+
+
+_decode_counters: dict = {}
+
+
+def _decode_counter_buffer(device: torch.device, rows: int) -> Tensor:
+    """uint32 arrival counters of the in-kernel split-K reduction, one per 16 rows, zero between launches (the
+    kernel resets what it used). One buffer per (device, stream): launches on one stream are ordered, two streams
+    must not share counters. While a CUDA graph is captured a buffer made now belongs to the graph (its zero fill
+    is captured too), so it is not cached."""
+    if _capturing_cuda():
+        return torch.zeros(rows, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    buf = _decode_counters.get(key)
+    if buf is None or buf.numel() < rows:
+        buf = _decode_counters[key] = torch.zeros(max(rows, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def _capturing_cuda() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def nf4_decode_cuda(x, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize,
+                    lora_u=None, lora_b=None, scaling=1.0, bias=None, *, split: Optional[int] = None,
+                    reduce_in_kernel: bool = True) -> Optional[Tensor]:
+    """The CUDA decode GEMM (csrc/nf4_decode_cuda.cu) behind qlora::nf4_linear for M <= 16: y [M, N] in x.dtype,
+    or None when it does not take the call (not a CUDA tensor, no native CUDA build, fp32 x, M > 16, a shape or
+    alignment outside its fast path: K % 256, K % blocksize, blocksize >= 64), so the caller runs the Triton
+    decode or dequantize + matmul. Same arguments as nf4_linear; split forces the K slices (tests);
+    reduce_in_kernel=False sums the K slices in a second kernel instead of the last CTA (tests)."""
+    mod = native_module()
+    if (not CUDA_DECODE or mod is None or not x.is_cuda or not mod.has_cuda() or x.dim() != 2
+            or x.dtype not in (torch.float16, torch.bfloat16)):
+        return None
+    M, N, K = x.shape[0], int(out_features), int(in_features)
+    if not 1 <= M <= DECODE_CUDA_MAX_M or not mod.nf4_decode_cuda_supported(M, N, K, int(blocksize), DTYPE_CODES[x.dtype]):
+        return None
+    if x.shape[1] != K:
+        raise ValueError(f"x has {x.shape[1]} features, weight expects {K}")
+    for name, t in (("packed", packed), ("absmax", absmax), ("nested_absmax", nested_absmax), ("offset", offset),
+                    ("lora_u", lora_u), ("lora_b", lora_b), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    if (nested_absmax is None) != (offset is None):
+        raise ValueError("nested_absmax and offset go together (double quantization)")
+    if packed.numel() < N * K // 2:
+        raise ValueError(f"packed has {packed.numel()} bytes, needs {N * K // 2} for [{N}, {K}]")
+    nb = N * K // int(blocksize)
+    if absmax.numel() < nb:
+        raise ValueError(f"absmax has {absmax.numel()} entries, needs {nb}")
+    if nested_absmax is not None and nested_absmax.numel() < (nb + NESTED_BLOCKSIZE - 1) // NESTED_BLOCKSIZE:
+        raise ValueError(f"nested_absmax has {nested_absmax.numel()} entries, needs {(nb + 255) // 256}")
+    r = 0
+    if (lora_u is None) != (lora_b is None):
+        raise ValueError("lora_u and lora_b go together")
+    if lora_u is not None:
+        r = lora_u.shape[-1]
+        if lora_u.shape != (M, r) or lora_b.shape != (N, r):
+            raise ValueError(f"lora_u must be [{M}, r] and lora_b [{N}, r], got {tuple(lora_u.shape)}, {tuple(lora_b.shape)}")
+        lora_u, lora_b = lora_u.to(x.dtype), lora_b.to(x.dtype)
+    if bias is not None:
+        if bias.numel() != N:
+            raise ValueError(f"bias has {bias.numel()} elements, needs {N}")
+        bias = bias.reshape(-1).to(x.dtype).contiguous()
+    x = x.contiguous()
+    packed = packed.reshape(-1).contiguous()
+    absmax = absmax.reshape(-1).contiguous()
+    if nested_absmax is not None:
+        nested_absmax, offset = nested_absmax.reshape(-1).contiguous(), offset.reshape(-1).contiguous()
+    if x.data_ptr() % 16 or packed.data_ptr() % 16:
+        return None
+    if split is None:
+        split = decode_cuda_split(M, N, K, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else None
+    counters = (_decode_counter_buffer(x.device, (N + 15) // 16) if split > 1 and reduce_in_kernel else None)
+    ran = _native("nf4_decode", x.device, 0)(
+        y.data_ptr(), _ptr(part), _ptr(counters), x.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _ptr(nested_absmax), _ptr(offset),
+        device_table("map", x.device).data_ptr() if nested_absmax is not None else 0,
+        _ptr(lora_u), _ptr(lora_b), _ptr(bias), M, N, K, r, x.stride(0), y.stride(0),
+        lora_u.stride(0) if r else 0, lora_u.stride(1) if r else 0, lora_b.stride(0) if r else 0,
+        lora_b.stride(1) if r else 0, float(scaling), int(blocksize), DTYPE_CODES[x.dtype], int(split),
+    )
+    return y if ran else None
+
+
 # ---------------------------------------------------------------------------------------------- linear ops
 def _dequant_matrix(packed, absmax, nested_absmax, offset, n_out, k_in, blocksize, dtype) -> Tensor:
     return dequantize_nf4(packed, absmax, nested_absmax, offset, n_out * k_in, blocksize, dtype).view(n_out, k_in)
@@ -284,6 +389,11 @@ def nf4_linear(
             x, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize,
             lora_u, lora_b, scaling, bias,
         )
+    if path == "native" and x.is_cuda and x.shape[0] <= DECODE_CUDA_MAX_M:  # no Triton: the CUDA decode GEMM
+        y = nf4_decode_cuda(x, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize,
+                            lora_u, lora_b, scaling, bias)
+        if y is not None:
+            return y
     w = _dequant_matrix(packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, x.dtype)
     y = x @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
     if lora_u is not None:
