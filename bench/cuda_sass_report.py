@@ -402,12 +402,14 @@ def decode_analyse(instrs: list[tuple[int, str]]) -> dict:
     }
 
 
-def decode_report(cap: int, source: Path | None = DECODE_SOURCE, so: Path | None = None) -> list[dict]:
-    """One record per nf4_decode_kernel instantiation in `so` (a built _C) or compiled from `source`."""
+def sass_and_resources(cap: int, source: Path | None, so: Path | None) -> tuple[str, dict, str]:
+    """(SASS, per-function registers / spill bytes, where they came from): from a built _C (`so`) through
+    cuobjdump, else from `source` compiled with nvcc -cubin (ptxas -v)."""
     with tempfile.TemporaryDirectory() as tmp:
         if so is not None:
             binary, res = so, resources_of(so, cap)
-            regs = {f: dict(registers=r["registers"], spill_stores=r["local"], spill_loads=r["local"]) for f, r in res.items()}
+            regs = {f: dict(registers=r["registers"], spill_stores=r["local"], spill_loads=r["local"], stack=r["stack"])
+                    for f, r in res.items()}
             origin = f"cuobjdump -sass -arch sm_{cap} {so}"
         else:
             cubin, log = compile_cubin(cap, source)
@@ -415,7 +417,12 @@ def decode_report(cap: int, source: Path | None = DECODE_SOURCE, so: Path | None
             binary.write_bytes(cubin)
             regs = parse_ptxas(log)
             origin = f"nvcc -cubin -arch=sm_{cap} -O3 --fmad=false {source.relative_to(ROOT) if source.is_relative_to(ROOT) else source}"
-        sass = sass_of(binary, cap)
+        return sass_of(binary, cap), regs, origin
+
+
+def decode_report(cap: int, source: Path | None = DECODE_SOURCE, so: Path | None = None) -> list[dict]:
+    """One record per nf4_decode_kernel instantiation in `so` (a built _C) or compiled from `source`."""
+    sass, regs, origin = sass_and_resources(cap, source, so)
     out = []
     for name, instrs in functions(sass).items():
         what = demangle_decode(name)
@@ -446,19 +453,7 @@ def decode_table(records: list[dict]) -> str:
 
 
 def report(cap: int, source: Path | None = SOURCE, so: Path | None = None) -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        if so is not None:
-            binary, res = so, resources_of(so, cap)
-            regs = {f: dict(registers=r["registers"], spill_stores=r["local"], spill_loads=r["local"], stack=r["stack"])
-                    for f, r in res.items()}
-            origin = f"cuobjdump -sass -arch sm_{cap} {so}"
-        else:
-            cubin, log = compile_cubin(cap, source)
-            binary = Path(tmp) / "k.cubin"
-            binary.write_bytes(cubin)
-            regs = parse_ptxas(log)
-            origin = f"nvcc -cubin -arch=sm_{cap} -O3 --fmad=false {source.relative_to(ROOT) if source.is_relative_to(ROOT) else source}"
-        sass = sass_of(binary, cap)
+    sass, regs, origin = sass_and_resources(cap, source, so)
     out = []
     for name, instrs in functions(sass).items():
         what = demangle_kernel(name)

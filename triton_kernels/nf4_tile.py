@@ -211,13 +211,7 @@ def _halves(pair, ACT: tl.constexpr):
 def _lookup(words, p0, p1, p2, p3, p4, p5, p6, p7, ACT: tl.constexpr):
     """int32 words [...] -> values in ACT [..., 2, 2, 2] (codes 8 j + 4 c + 2 b + a of word j at [j, c, b, a]),
     with the table planes p0..p7 broadcast to the words' shape (_table)."""
-    q0, q1, q2, q3 = tl.inline_asm_elementwise(
-        _LOOKUP_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, p0, p1, p2, p3, p4, p5, p6, p7],
-        dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-    t0, t1 = _halves(q0, ACT)
-    t2, t3 = _halves(q1, ACT)
-    t4, t5 = _halves(q2, ACT)
-    t6, t7 = _halves(q3, ACT)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _lookup_parts(words, p0, p1, p2, p3, p4, p5, p6, p7, ACT)
     return _interleave8(t0, t1, t2, t3, t4, t5, t6, t7)
 
 
@@ -313,15 +307,7 @@ def nf4_tile_fast(
                     p4[:, :, None], p5[:, :, None], p6[:, :, None], p7[:, :, None], ACT)
         w = tl.reshape(v, (BLOCK_R, BLOCK_K))
     else:
-        # byte j = code 2j << 4 | code 2j+1; the word is little-endian: byte j at bits 8j
-        c0 = (words >> 4) & 0xF
-        c1 = words & 0xF
-        c2 = (words >> 12) & 0xF
-        c3 = (words >> 8) & 0xF
-        c4 = (words >> 20) & 0xF
-        c5 = (words >> 16) & 0xF
-        c6 = (words >> 28) & 0xF
-        c7 = (words >> 24) & 0xF
+        c0, c1, c2, c3, c4, c5, c6, c7 = _code_parts(words)
         codes = tl.reshape(_interleave8(c0, c1, c2, c3, c4, c5, c6, c7), (BLOCK_R, G, BLOCKSIZE))
         w = tl.reshape((tl.load(nf4_ptr + codes) * scale[:, :, None]).to(ACT), (BLOCK_R, BLOCK_K))
     return w
