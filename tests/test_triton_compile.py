@@ -92,7 +92,7 @@ def _run_worker():
 MAX_INSTR_PER_WEIGHT = {"fwd": 4.9, "dx": 5.15, "decode": 4.7}
 # No per-weight table gather or byte load (the NF4 lookup is in registers): what is left are the per-row scale
 # loads (absmax code byte, dynamic-map entry, nested scale), 3 per tile row and block, so tiles with fewer than
-# 64 weights per thread (the small-M configs, sm_80's 8-warp dx: 0.156) stay above 0.1.
+# 64 weights per thread (the small-M configs: up to 0.156) stay above 0.1.
 MAX_NARROW_LOADS_PER_WEIGHT = {True: 0.1, False: 0.25}  # keyed on weights_per_thread_per_iteration >= 64
 SMEM_2_CTAS_SM90 = 113 * 1024  # forward and dx at M >= 512: two CTAs per SM
 
