@@ -257,12 +257,13 @@ QK_AVX2_INLINE void store8(void* dst, int64_t i, __m256 v) {
 }
 
 struct Scalars8 {
-  __m256 beta1, beta2, omb1, omb2, bc2_sqrt, eps, decay, step_size;
+  __m256 beta1, beta2, omb1, omb2, bc2_sqrt, eps, decay, step_size, eps_bc2, step_size_bc2;
 };
 QK_AVX2_INLINE Scalars8 splat(const AdamScalars& s) {
   return {_mm256_set1_ps(s.beta1),    _mm256_set1_ps(s.beta2), _mm256_set1_ps(s.one_minus_beta1),
           _mm256_set1_ps(s.one_minus_beta2), _mm256_set1_ps(s.bc2_sqrt), _mm256_set1_ps(s.eps),
-          _mm256_set1_ps(s.decay),    _mm256_set1_ps(s.step_size)};
+          _mm256_set1_ps(s.decay),    _mm256_set1_ps(s.step_size), _mm256_set1_ps(s.eps_bc2),
+          _mm256_set1_ps(s.step_size_bc2)};
 }
 // adamw_update on 8 lanes: the same operations in the same order (no FMA), so the same bits.
 QK_AVX2_INLINE void adamw_update8(__m256& p, __m256 g, __m256& m, __m256& v, const Scalars8& s) {
@@ -271,6 +272,14 @@ QK_AVX2_INLINE void adamw_update8(__m256& p, __m256 g, __m256& m, __m256& v, con
   const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), s.bc2_sqrt), s.eps);
   p = _mm256_mul_ps(p, s.decay);
   p = _mm256_sub_ps(p, _mm256_mul_ps(s.step_size, _mm256_div_ps(m, denom)));
+}
+// adamw8_update on 8 lanes (one division).
+QK_AVX2_INLINE void adamw8_update8(__m256& p, __m256 g, __m256& m, __m256& v, const Scalars8& s) {
+  m = _mm256_add_ps(_mm256_mul_ps(m, s.beta1), _mm256_mul_ps(g, s.omb1));
+  v = _mm256_add_ps(_mm256_mul_ps(v, s.beta2), _mm256_mul_ps(_mm256_mul_ps(g, g), s.omb2));
+  const __m256 denom = _mm256_add_ps(_mm256_sqrt_ps(v), s.eps_bc2);
+  p = _mm256_mul_ps(p, s.decay);
+  p = _mm256_sub_ps(p, _mm256_mul_ps(s.step_size_bc2, _mm256_div_ps(m, denom)));
 }
 QK_AVX2_INLINE uint32_t hmax_epi32(__m256i x) {
   __m128i y = _mm_max_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
@@ -311,7 +320,7 @@ void step8_block_portable(const Step8& a, int64_t b) {
   for (int i = 0; i < len; ++i) p[i] = load_as_float<DT>(a.p, start + i);
   for (int i = 0; i < len; ++i) g[i] = load_as_float<DT>(a.g, start + i);
   const AdamScalars s = a.s;
-  for (int i = 0; i < len; ++i) adamw_update(p[i], g[i], m[i], v[i], s);
+  for (int i = 0; i < len; ++i) adamw8_update(p[i], g[i], m[i], v[i], s);
   for (int i = 0; i < len; ++i) store_from_float<DT>(a.p, start + i, p[i]);
   uint32_t mx1 = 0, mx2 = 0;
   for (int i = 0; i < len; ++i) mx1 = std::max(mx1, abs_bits(m[i]));
@@ -345,7 +354,7 @@ QK_AVX2_INLINE void step8_block_avx2(const Step8& a, const Scalars8& vs, int64_t
     __m256 mi = decode8(c1 + i, map1, vam1);
     __m256 vi = decode8(c2 + i, map2, vam2);
     __m256 pi = load8<DT>(a.p, start + i);
-    adamw_update8(pi, load8<DT>(a.g, start + i), mi, vi, vs);
+    adamw8_update8(pi, load8<DT>(a.g, start + i), mi, vi, vs);
     store8<DT>(a.p, start + i, pi);
     _mm256_store_ps(m + i, mi);
     _mm256_store_ps(v + i, vi);
@@ -357,7 +366,7 @@ QK_AVX2_INLINE void step8_block_avx2(const Step8& a, const Scalars8& vs, int64_t
     m[i] = state_value(map1[c1[i]], am1);
     v[i] = state_value(map2[c2[i]], am2);
     float pi = load_as_float<DT>(a.p, start + i);
-    adamw_update(pi, load_as_float<DT>(a.g, start + i), m[i], v[i], a.s);
+    adamw8_update(pi, load_as_float<DT>(a.g, start + i), m[i], v[i], a.s);
     store_from_float<DT>(a.p, start + i, pi);
     mx1 = std::max(mx1, abs_bits(m[i]));
     mx2 = std::max(mx2, abs_bits(v[i]));
