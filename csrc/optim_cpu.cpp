@@ -119,51 +119,47 @@ QK_ALWAYS_INLINE uint8_t quant_code_portable(float x, float inv, const int32_t* 
   return state_code(sc, b, mids[b]);
 }
 
-// Vector quantizer table (x86): ONE lookup per value instead of two dependent ones (base, then mids[base]).
-// Buckets are the top 16 bits of |s| (8 exponent + 7 mantissa bits; every bucket of either map holds at most
-// one midpoint, checked when the table is built) for 2^-23 <= |s| < 2, per sign. Entry = base | thr << 8:
-// base = number of midpoints below the bucket; thr = the bucket's midpoint's low 16 bits (bit-flipped for
-// negative values, so "s above the midpoint" is one signed compare of key = low16(s) ^ (sign ? 0xffff : 0)
-// against thr for both signs); 0xffff when the bucket holds no midpoint (key > 0xffff never holds).
-// Values below / above the range are clamped into the first / last bucket, which hold no midpoint (checked),
-// so they get the code of every value between them and 0 / 2, as torch.bucketize gives.
+// Vector quantizer table (x86): ONE lookup per value instead of two dependent ones (base, then mids[base]),
+// indexed directly by the top 16 bits of s (sign, 8 exponent, 7 mantissa bits): bucket = bits >> 16, one
+// shift, no clamp and no sign handling (65536 entries per map cover every float32, NaN included, so no index
+// can leave the table; only the lines of the binades in use are ever touched). Every bucket of either map
+// holds at most one midpoint (checked when the table is built). Entry = B | thr << 9 (thr arithmetic-shifted
+// back), and code = B - sign(s) * (low16(s) > thr) (vpsignd; +0.0 gives 0):
+//   positive bucket: B = base (midpoints below the bucket), thr = the midpoint's low 16 bits, 0xffff if none;
+//   negative bucket: B = base + 1, thr = the midpoint's low 16 bits - 1, -1 if none (values run downwards:
+//   s > mid <=> low16(s) < low16(mid) <=> !(low16(s) > thr)).
+// As torch.bucketize(s, mids, right=False): the number of midpoints strictly below s.
 constexpr int kQShift = 16;
-constexpr int kQLo = (127 - 23) << 7;
-constexpr int kQHi = 128 << 7;
-constexpr int kQBuckets = kQHi - kQLo;  // per sign
+constexpr int kQEntries = 1 << 16;  // per map
 
 struct QuantTables {
   std::mutex mu;
   const int32_t* source = nullptr;
-  std::vector<int32_t> entries;  // [map 0: positive | negative][map 1: positive | negative]
+  std::vector<int32_t> entries;  // [map 0][map 1], kQEntries each
 };
 QuantTables g_quant_tables;
 
 void build_quant_table(const float* mids /* 255 finite, sorted */, int32_t* out) {
-  for (int neg = 0; neg < 2; ++neg) {
-    for (int q = 0; q < kQBuckets; ++q) {
-      const uint32_t k = (uint32_t)(kQLo + q);
-      const uint32_t lo_bits = k << kQShift, hi_bits = ((k + 1) << kQShift) - 1;
-      // smallest value of the bucket (the clamped first bucket reaches to 0: same midpoints below, checked)
-      const float smallest = neg ? -f_from_bits(hi_bits) : f_from_bits(lo_bits);
-      int base = 0, inside = 0;
-      uint32_t thr = 0xffffu;
-      for (int j = 0; j < 255; ++j) {
-        const uint32_t mb = f_bits(mids[j]);
-        if (mids[j] < smallest) ++base;
-        const bool same_bucket = (int)(mb >> 31) == neg && ((mb & 0x7fffffffu) >> kQShift) == k;
-        // the clamped end buckets stand for values outside them too: no midpoint may sit between
-        const bool in_clamped_range = (q == 0 && (int)(mb >> 31) == neg && (mb & 0x7fffffffu) <= hi_bits) ||
-                                      (q == kQBuckets - 1 && (mb & 0x7fffffffu) >= lo_bits);
-        if (in_clamped_range) throw std::logic_error("optimizer quantizer table: a midpoint in a clamped bucket");
-        if (same_bucket) {
-          ++inside;
-          thr = neg ? 0xffffu - (mb & 0xffffu) : (mb & 0xffffu);
-        }
-      }
-      if (inside > 1) throw std::logic_error("optimizer quantizer table: two midpoints in one bucket");
-      out[neg * kQBuckets + q] = (int32_t)((uint32_t)base | (thr << 8));
+  std::vector<int> inside(kQEntries, -1);  // the midpoint in each bucket
+  for (int j = 0; j < 255; ++j) {
+    const uint32_t k = f_bits(mids[j]) >> kQShift;
+    if (inside[k] >= 0) throw std::logic_error("optimizer quantizer table: two midpoints in one bucket");
+    inside[k] = j;
+  }
+  for (uint32_t k = 0; k < (uint32_t)kQEntries; ++k) {
+    const bool neg = k >> 15;
+    // the smallest value of the bucket (lowest magnitude bits if positive, highest if negative)
+    const float smallest = f_from_bits(neg ? (k << kQShift) | 0xffffu : k << kQShift);
+    const int base = smallest != smallest ? 0 : (int)(std::lower_bound(mids, mids + 255, smallest) - mids);
+    int32_t entry;
+    if (!neg) {
+      const int32_t thr = inside[k] >= 0 ? (int32_t)(f_bits(mids[inside[k]]) & 0xffffu) : 0xffff;
+      entry = (int32_t)((uint32_t)base | ((uint32_t)thr << 9));
+    } else {
+      const int32_t thr = inside[k] >= 0 ? (int32_t)(f_bits(mids[inside[k]]) & 0xffffu) - 1 : -1;
+      entry = (int32_t)((uint32_t)(base + 1) | ((uint32_t)thr << 9));
     }
+    out[k] = entry;
   }
 }
 
@@ -171,10 +167,10 @@ void build_quant_table(const float* mids /* 255 finite, sorted */, int32_t* out)
 const int32_t* quant_tables(const int32_t* tab) {
   std::lock_guard<std::mutex> lock(g_quant_tables.mu);
   if (g_quant_tables.source != tab) {
-    g_quant_tables.entries.assign(2 * 2 * kQBuckets, 0);
+    g_quant_tables.entries.assign(2 * kQEntries, 0);
     for (int m = 0; m < 2; ++m)
       build_quant_table(reinterpret_cast<const float*>(tab + m * kTableStride + kMidOffset),
-                        g_quant_tables.entries.data() + m * 2 * kQBuckets);
+                        g_quant_tables.entries.data() + m * kQEntries);
     g_quant_tables.source = tab;
   }
   return g_quant_tables.entries.data();
@@ -184,21 +180,12 @@ const int32_t* quant_tables(const int32_t* tab) {
 
 // Quantizing 8 scaled values sc: their buckets (table indices), then, from the table entries e, their codes
 // (low byte of each int32 lane). The entries are looked up in between with scalar loads (lookup8).
-QK_AVX2_INLINE __m256i bucket8(__m256 sc) {
-  const __m256i bits = _mm256_castps_si256(sc);
-  const __m256i sgn = _mm256_srai_epi32(bits, 31);
-  __m256i k = _mm256_srli_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), kQShift);
-  k = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(k, _mm256_set1_epi32(kQLo)), _mm256_set1_epi32(kQHi - 1)),
-                       _mm256_set1_epi32(kQLo));
-  return _mm256_add_epi32(k, _mm256_and_si256(sgn, _mm256_set1_epi32(kQBuckets)));
-}
+QK_AVX2_INLINE __m256i bucket8(__m256 sc) { return _mm256_srli_epi32(_mm256_castps_si256(sc), kQShift); }
 QK_AVX2_INLINE __m256i code8(__m256 sc, __m256i e) {
   const __m256i bits = _mm256_castps_si256(sc);
-  const __m256i low = _mm256_set1_epi32(0xffff);
-  const __m256i key = _mm256_xor_si256(_mm256_and_si256(bits, low), _mm256_and_si256(_mm256_srai_epi32(bits, 31), low));
-  // code = base + (key > thr): the compare mask is -1 where true
-  return _mm256_sub_epi32(_mm256_and_si256(e, _mm256_set1_epi32(0xff)),
-                          _mm256_cmpgt_epi32(key, _mm256_srli_epi32(e, 8)));
+  const __m256i gt = _mm256_cmpgt_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0xffff)), _mm256_srai_epi32(e, 9));
+  // B - sign(s) * (key > thr): the compare mask is -1 where true; vpsignd negates it for negative s
+  return _mm256_sub_epi32(_mm256_and_si256(e, _mm256_set1_epi32(0x1ff)), _mm256_sign_epi32(gt, bits));
 }
 QK_AVX2_INLINE void store_codes8(uint8_t* out, __m256i code) {
   const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
@@ -377,7 +364,7 @@ QK_AVX2_INLINE void step8_block_avx2(const Step8& a, const Scalars8& vs, int64_t
   const float inv1 = state_inv_scale(new1), inv2 = state_inv_scale(new2);
   const __m256 vinv1 = _mm256_set1_ps(inv1), vinv2 = _mm256_set1_ps(inv2);
   const int32_t* qt1 = a.qt;
-  const int32_t* qt2 = a.qt + 2 * kQBuckets;
+  const int32_t* qt2 = a.qt + kQEntries;
   uint8_t* o1 = a.c1 + start;
   uint8_t* o2 = a.c2 + start;
   alignas(32) int32_t e1[kOptBlock], e2[kOptBlock];  // buckets
