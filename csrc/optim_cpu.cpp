@@ -5,21 +5,28 @@
 // for AVX-512 through target attributes; the portable path is plain loops. Chosen at run time from
 // qk::cpu_isa(), like the NF4 kernels. std::thread chunks (cpu_threads.h).
 //
-// Where the time goes (AMD EPYC Zen 3, AVX2, one thread, 0.5M cache-resident float32 values, thread CPU time):
-// ~2.1-2.7 ms per step with the four table lookups per value (decode both maps, requantize both), ~0.6-0.9 ms
-// with them stubbed out; the rest is the update (2 divisions and a square root per value, IEEE-exact). Zen 3
-// gathers cost more than 8 scalar loads through L1, so every lookup is 8 scalar loads assembled in a register
-// (lookup8, decode8: ~1.75 -> ~1.25-1.45 ms per 0.5M values, wall time). Remeasured after that, best of 60:
-// ~1.3 ms with the lookups, ~0.73 ms with them stubbed out: they are still ~40% of the step.
-// Streaming (issue 11; op called directly, float32, thread CPU time per value, min of 5, 2 cores under load):
-// one thread ~2.5-3.9 ns in cache (0.5M) -> ~3.1-4.8 ns at 16M/64M, a 1.1-1.3x gap, about half of it the
-// gradient scan (~0.15 ns per value in cache, ~0.35-0.45 ns streaming: a read at 9-12 GB/s, bandwidth-bound,
-// already vectorized; it must finish before any write, so it stays a pass of its own). The main pass moves
-// ~16 B per value at ~5 GB/s: compute-bound (lookups, 2 IEEE divisions and a square root per value), not
-// waiting on memory: _mm_prefetch of param/grad/codes 2-8 blocks ahead changed nothing beyond the noise
-// (+-5%), and the timed steps touch no fresh pages (states exist after the first step). The "2x per thread at
-// 64M" was the thread count: on this 2-vCPU machine under load two threads took about the CPU time of one
-// (process time ~= wall time), so per-thread figures at 2 threads double; torch fused AdamW scaled no better.
+// Where the time goes (issue 11; AMD EPYC Zen 3, AVX2, one thread, float32). Method: builds of this file
+// loaded side by side in one process, calls interleaved, min of 300 per build at 64K values (L2-resident);
+// the 2 vCPUs carried load ~3-4.5 from other jobs, so absolute figures run ~1.3x high, ratios hold.
+//   before: 2.26-2.33 ns/value -> bitsandbytes' one-division update (optim_format.h adamw8_update) 2.11-2.18
+//   -> quantizer table indexed by the top 16 bits directly (bucket = one shift) 2.00-2.04 -> its entries moved
+//   as float lanes (vinsertps, not vpinsrd) 1.92-1.95 -> decode by broadcast loads + blends: 1-4% more.
+//   About 16% off the step; torch's fused fp32 AdamW at that size is overhead-bound (~2 ns/value).
+// Breakdown of this kernel (stubbed builds, same run, load ~4.5, total 2.49 ns/value): decode lookups 0.77
+// (31%), requantize lookups 0.67 (27%), both 1.14 (46%); the square root and division 0 (stubbing them saves
+// nothing: they run on FP1 under the lookups' load/blend traffic); gradient scan 0.19 (8%); with all of
+// those stubbed 1.00 (40%: three passes of loads/stores over the block, the code arithmetic, packing, absmax).
+// llvm-mca -mcpu=znver3 per 8 values: main pass ~21 cycles (FP1: sqrt 5 + div 3 + the multiplies, decode
+// loads), requantize pass ~13 (16 table loads into vector lanes, 2 per cycle), bucket pass 2. The lookups
+// alone are 32 vector-lane loads per 8 values (16 cycles); bit-exactness rules out FMA, approximate
+// reciprocals and table-free decoding of the maps (an arithmetic decode of the dynamic maps is exact, with
+// linspace's FMA, but costs ~30 vector ops per 8 codes, more than the 8 loads it replaces; vgatherdps ~50%
+// slower than the broadcast loads; the quantizer as a per-8 fused pass lost ~15% to store forwarding).
+// Streaming (16M/64M) costs 1.1-2.5x the in-cache time depending on the machine's load: 16 B per value at
+// 3-5 GB/s, not bandwidth-bound; _mm_prefetch of param/grad/codes 6 blocks ahead gave 2-4% (noise), and
+// the gradient scan must read the whole gradient before any write (a skipped step leaves everything as it
+// was), so it stays a pass of its own (~0.35-0.45 ns/value streaming). The 2 vCPUs do not scale under load
+// (process time ~= wall time); torch's fused AdamW scales no better.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -191,13 +198,12 @@ QK_AVX2_INLINE void store_codes8(uint8_t* out, __m256i code) {
   const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(w, w));
 }
-// Table lookups as 8 scalar loads assembled in a register (vmovd / vpinsrd / vinsertps): no gathers (on Zen 3
-// an 8-lane gather costs more than 8 scalar loads through L1) and no round trip of the entries through a
-// stack array. Measured (one thread, 0.5M float32 values, under load): decode8 so took the step from ~1.75 to
-// ~1.45 ms; lookup8 so (instead of a scalar pass storing all 256 entries, reloaded as vectors) cut ~10-20% more.
-// The entries are moved as float32 lanes (vmovss / vinsertps from memory: moves, so every bit pattern, NaN
-// ones included, arrives intact): Zen 3 issues those at twice the rate of vpinsrd from memory (llvm-mca
-// znver3: the requantize loop 18.5 -> ~10 cycles per 8 values of both states).
+// Table lookups as 8 scalar loads assembled in a register: no gathers (on Zen 3 an 8-lane gather costs more
+// than 8 scalar loads through L1) and no round trip of the entries through a stack array (a scalar pass
+// storing all 256 entries, reloaded as vectors, was ~10-20% slower). The quantizer's entries are moved as
+// float32 lanes (vmovss / vinsertps from memory: moves, so every bit pattern, NaN ones included, arrives
+// intact): Zen 3 issues those at twice the rate of vpinsrd from memory (llvm-mca znver3: the requantize loop
+// 18.5 -> 13.1 cycles per 8 values of both states; measured ~4% off the step).
 QK_AVX2_INLINE __m256i lookup8(const int32_t* k, const int32_t* table) {
   const float* t = reinterpret_cast<const float*>(table);
   const __m128 lo = _mm_setr_ps(t[k[0]], t[k[1]], t[k[2]], t[k[3]]);
