@@ -193,6 +193,44 @@ def test_kernel_quantizer_on_every_boundary(isa):
 
 
 @needs_native
+def test_kernel_quantizer_at_the_scaled_edges(isa):
+    """The x86 quantizer table is indexed by the top 16 bits of s = x * (1 / absmax) with no clamp: the
+    block's absmax scales to 1 or just below it (absmax * fl(1 / absmax) rounds to 1 - 2^-24 for some absmax,
+    never above 1), the others fall through every binade down to +-0 and the subnormals. Blocks led by such
+    absmaxes (half of each kind), with +-absmax, +-0 and tiny values, against the reference (betas (0, 0):
+    m = g, v = g * g, so absmax2 = absmax1^2 rounded)."""
+    import numpy as np
+
+    a = (np.random.default_rng(0).random(20000, dtype=np.float32) * 4 + 0.5).astype(np.float32)
+    prod = a * (np.float32(1) / a)
+    assert (prod <= 1).all()
+    up = np.concatenate([a[prod < 1][:20], a[prod == 1][:20]])  # absmax whose scaled self lands below / at 1
+    assert len(up) == 40
+    rows = []
+    for k, x in enumerate(up.tolist()):
+        rest = torch.tensor([-x, x, 0.0, -0.0, 1e-45, -1e-45, 1e-30 * x, -x * 0.5 ** (k % 30)])
+        tail = torch.randn(OF.BLOCKSIZE - 1 - len(rest), generator=torch.Generator().manual_seed(k)) * x / 4
+        rows.append(torch.cat([torch.tensor([x if k % 2 else -x]), rest, tail.clamp(-x, x)]))
+    grad = torch.cat(rows)
+    results = []
+    for backend in ("native", "reference"):
+        p = torch.nn.Parameter(torch.zeros(grad.numel()))
+        opt = optim.AdamW8bit([p], betas=(0.0, 0.0), weight_decay=0.0)
+        p.grad = grad.clone()
+        set_backend(backend)
+        try:
+            opt.step()
+        finally:
+            set_backend(None)
+        results.append((p, opt.state[p]))
+    (pn, sn), (pr, sr) = results
+    assert_same(pn.detach(), pr.detach(), f"{isa} param")
+    for k in ("state1", "state2", "absmax1", "absmax2"):
+        assert_same(sn[k], sr[k], f"{isa} {k}")
+    assert int(sn["state1"].max()) == 255 and int(sn["state2"].max()) == 255
+
+
+@needs_native
 def test_kernel_decodes_every_code(isa):
     """The kernels' state decode (map[code] * absmax, table lookups assembled in registers on x86) on all 256
     codes of both maps at every lane position, against the reference. grad 0, param 0, betas 1/2 and
