@@ -16,9 +16,14 @@
 // (31%), requantize lookups 0.67 (27%), both 1.14 (46%); the square root and division 0 (stubbing them saves
 // nothing: they run on FP1 under the lookups' load/blend traffic); gradient scan 0.19 (8%); with all of
 // those stubbed 1.00 (40%: three passes of loads/stores over the block, the code arithmetic, packing, absmax).
-// llvm-mca -mcpu=znver3 per 8 values: main pass ~21 cycles (FP1: sqrt 5 + div 3 + the multiplies, decode
-// loads), requantize pass ~13 (16 table loads into vector lanes, 2 per cycle), bucket pass 2. The lookups
-// alone are 32 vector-lane loads per 8 values (16 cycles); bit-exactness rules out FMA, approximate
+// llvm-mca -mcpu=znver3 per 8 values: main pass 22.5 cycles (FP1 19.7: sqrt 5 + div 3, multiplies, blends),
+// requantize pass 13.1 (16 table loads into vector lanes, 2 per cycle), bucket pass 2: ~4.7 cycles per value
+// (this VM exposes no cycle counter, so no measured clock to convert). Floor: the 4 lookups alone are 32
+// vector-lane loads per 8 values, 16 cycles (2 per value), with the divider's 8 on FP1 beside them. torch's
+// fused fp32 AdamW in cache takes 0.65 ns/value on one thread, 1.6-2.4 cycles at Zen 3 EPYC clocks (2.45-3.7
+// GHz): at or below that floor, so parity at 1M is out of reach bit-exactly; streaming (16M/64M, ~1.0-1.3
+// ns/value) the floor is about torch's time, and this kernel runs ~2x above it (the three passes'
+// loads/stores and the code arithmetic, above). Bit-exactness rules out FMA, approximate
 // reciprocals and table-free decoding of the maps (an arithmetic decode of the dynamic maps is exact, with
 // linspace's FMA, but costs ~30 vector ops per 8 codes, more than the 8 loads it replaces; vgatherdps ~50%
 // slower than the broadcast loads; the quantizer as a per-8 fused pass lost ~15% to store forwarding).
