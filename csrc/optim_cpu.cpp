@@ -5,21 +5,33 @@
 // for AVX-512 through target attributes; the portable path is plain loops. Chosen at run time from
 // qk::cpu_isa(), like the NF4 kernels. std::thread chunks (cpu_threads.h).
 //
-// Where the time goes (AMD EPYC Zen 3, AVX2, one thread, 0.5M cache-resident float32 values, thread CPU time):
-// ~2.1-2.7 ms per step with the four table lookups per value (decode both maps, requantize both), ~0.6-0.9 ms
-// with them stubbed out; the rest is the update (2 divisions and a square root per value, IEEE-exact). Zen 3
-// gathers cost more than 8 scalar loads through L1, so every lookup is 8 scalar loads assembled in a register
-// (lookup8, decode8: ~1.75 -> ~1.25-1.45 ms per 0.5M values, wall time). Remeasured after that, best of 60:
-// ~1.3 ms with the lookups, ~0.73 ms with them stubbed out: they are still ~40% of the step.
-// Streaming (issue 11; op called directly, float32, thread CPU time per value, min of 5, 2 cores under load):
-// one thread ~2.5-3.9 ns in cache (0.5M) -> ~3.1-4.8 ns at 16M/64M, a 1.1-1.3x gap, about half of it the
-// gradient scan (~0.15 ns per value in cache, ~0.35-0.45 ns streaming: a read at 9-12 GB/s, bandwidth-bound,
-// already vectorized; it must finish before any write, so it stays a pass of its own). The main pass moves
-// ~16 B per value at ~5 GB/s: compute-bound (lookups, 2 IEEE divisions and a square root per value), not
-// waiting on memory: _mm_prefetch of param/grad/codes 2-8 blocks ahead changed nothing beyond the noise
-// (+-5%), and the timed steps touch no fresh pages (states exist after the first step). The "2x per thread at
-// 64M" was the thread count: on this 2-vCPU machine under load two threads took about the CPU time of one
-// (process time ~= wall time), so per-thread figures at 2 threads double; torch fused AdamW scaled no better.
+// Where the time goes (issue 11; AMD EPYC Zen 3, AVX2, one thread, float32). Method: builds of this file
+// loaded side by side in one process, calls interleaved, min of 300 per build at 64K values (L2-resident);
+// the 2 vCPUs carried load ~3-4.5 from other jobs, so absolute figures run ~1.3x high, ratios hold.
+//   before: 2.26-2.33 ns/value -> bitsandbytes' one-division update (optim_format.h adamw8_update) 2.11-2.18
+//   -> quantizer table indexed by the top 16 bits directly (bucket = one shift) 2.00-2.04 -> its entries moved
+//   as float lanes (vinsertps, not vpinsrd) 1.92-1.95 -> decode by broadcast loads + blends: 1-4% more.
+//   About 16% off the step; torch's fused fp32 AdamW at that size is overhead-bound (~2 ns/value).
+// Breakdown of this kernel (stubbed builds, same run, load ~4.5, total 2.49 ns/value): decode lookups 0.77
+// (31%), requantize lookups 0.67 (27%), both 1.14 (46%); the square root and division 0 (stubbing them saves
+// nothing: they run on FP1 under the lookups' load/blend traffic); gradient scan 0.19 (8%); with all of
+// those stubbed 1.00 (40%: three passes of loads/stores over the block, the code arithmetic, packing, absmax).
+// llvm-mca -mcpu=znver3 per 8 values: main pass 22.5 cycles (FP1 19.7: sqrt 5 + div 3, multiplies, blends),
+// requantize pass 13.1 (16 table loads into vector lanes, 2 per cycle), bucket pass 2: ~4.7 cycles per value
+// (this VM exposes no cycle counter, so no measured clock to convert). Floor: the 4 lookups alone are 32
+// vector-lane loads per 8 values, 16 cycles (2 per value), with the divider's 8 on FP1 beside them. torch's
+// fused fp32 AdamW in cache takes 0.65 ns/value on one thread, 1.6-2.4 cycles at Zen 3 EPYC clocks (2.45-3.7
+// GHz): at or below that floor, so parity at 1M is out of reach bit-exactly; streaming (16M/64M, ~1.0-1.3
+// ns/value) the floor is about torch's time, and this kernel runs ~2x above it (the three passes'
+// loads/stores and the code arithmetic, above). Bit-exactness rules out FMA, approximate
+// reciprocals and table-free decoding of the maps (an arithmetic decode of the dynamic maps is exact, with
+// linspace's FMA, but costs ~30 vector ops per 8 codes, more than the 8 loads it replaces; vgatherdps ~50%
+// slower than the broadcast loads; the quantizer as a per-8 fused pass lost ~15% to store forwarding).
+// Streaming (16M/64M) costs 1.1-2.5x the in-cache time depending on the machine's load: 16 B per value at
+// 3-5 GB/s, not bandwidth-bound; _mm_prefetch of param/grad/codes 6 blocks ahead gave 2-4% (noise), and
+// the gradient scan must read the whole gradient before any write (a skipped step leaves everything as it
+// was), so it stays a pass of its own (~0.35-0.45 ns/value streaming). The 2 vCPUs do not scale under load
+// (process time ~= wall time); torch's fused AdamW scales no better.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -119,51 +131,47 @@ QK_ALWAYS_INLINE uint8_t quant_code_portable(float x, float inv, const int32_t* 
   return state_code(sc, b, mids[b]);
 }
 
-// Vector quantizer table (x86): ONE lookup per value instead of two dependent ones (base, then mids[base]).
-// Buckets are the top 16 bits of |s| (8 exponent + 7 mantissa bits; every bucket of either map holds at most
-// one midpoint, checked when the table is built) for 2^-23 <= |s| < 2, per sign. Entry = base | thr << 8:
-// base = number of midpoints below the bucket; thr = the bucket's midpoint's low 16 bits (bit-flipped for
-// negative values, so "s above the midpoint" is one signed compare of key = low16(s) ^ (sign ? 0xffff : 0)
-// against thr for both signs); 0xffff when the bucket holds no midpoint (key > 0xffff never holds).
-// Values below / above the range are clamped into the first / last bucket, which hold no midpoint (checked),
-// so they get the code of every value between them and 0 / 2, as torch.bucketize gives.
+// Vector quantizer table (x86): ONE lookup per value instead of two dependent ones (base, then mids[base]),
+// indexed directly by the top 16 bits of s (sign, 8 exponent, 7 mantissa bits): bucket = bits >> 16, one
+// shift, no clamp and no sign handling (65536 entries per map cover every float32, NaN included, so no index
+// can leave the table; only the lines of the binades in use are ever touched). Every bucket of either map
+// holds at most one midpoint (checked when the table is built). Entry = B | thr << 9 (thr arithmetic-shifted
+// back), and code = B - sign(s) * (low16(s) > thr) (vpsignd; +0.0 gives 0):
+//   positive bucket: B = base (midpoints below the bucket), thr = the midpoint's low 16 bits, 0xffff if none;
+//   negative bucket: B = base + 1, thr = the midpoint's low 16 bits - 1, -1 if none (values run downwards:
+//   s > mid <=> low16(s) < low16(mid) <=> !(low16(s) > thr)).
+// As torch.bucketize(s, mids, right=False): the number of midpoints strictly below s.
 constexpr int kQShift = 16;
-constexpr int kQLo = (127 - 23) << 7;
-constexpr int kQHi = 128 << 7;
-constexpr int kQBuckets = kQHi - kQLo;  // per sign
+constexpr int kQEntries = 1 << 16;  // per map
 
 struct QuantTables {
   std::mutex mu;
   const int32_t* source = nullptr;
-  std::vector<int32_t> entries;  // [map 0: positive | negative][map 1: positive | negative]
+  std::vector<int32_t> entries;  // [map 0][map 1], kQEntries each
 };
 QuantTables g_quant_tables;
 
 void build_quant_table(const float* mids /* 255 finite, sorted */, int32_t* out) {
-  for (int neg = 0; neg < 2; ++neg) {
-    for (int q = 0; q < kQBuckets; ++q) {
-      const uint32_t k = (uint32_t)(kQLo + q);
-      const uint32_t lo_bits = k << kQShift, hi_bits = ((k + 1) << kQShift) - 1;
-      // smallest value of the bucket (the clamped first bucket reaches to 0: same midpoints below, checked)
-      const float smallest = neg ? -f_from_bits(hi_bits) : f_from_bits(lo_bits);
-      int base = 0, inside = 0;
-      uint32_t thr = 0xffffu;
-      for (int j = 0; j < 255; ++j) {
-        const uint32_t mb = f_bits(mids[j]);
-        if (mids[j] < smallest) ++base;
-        const bool same_bucket = (int)(mb >> 31) == neg && ((mb & 0x7fffffffu) >> kQShift) == k;
-        // the clamped end buckets stand for values outside them too: no midpoint may sit between
-        const bool in_clamped_range = (q == 0 && (int)(mb >> 31) == neg && (mb & 0x7fffffffu) <= hi_bits) ||
-                                      (q == kQBuckets - 1 && (mb & 0x7fffffffu) >= lo_bits);
-        if (in_clamped_range) throw std::logic_error("optimizer quantizer table: a midpoint in a clamped bucket");
-        if (same_bucket) {
-          ++inside;
-          thr = neg ? 0xffffu - (mb & 0xffffu) : (mb & 0xffffu);
-        }
-      }
-      if (inside > 1) throw std::logic_error("optimizer quantizer table: two midpoints in one bucket");
-      out[neg * kQBuckets + q] = (int32_t)((uint32_t)base | (thr << 8));
+  std::vector<int> inside(kQEntries, -1);  // the midpoint in each bucket
+  for (int j = 0; j < 255; ++j) {
+    const uint32_t k = f_bits(mids[j]) >> kQShift;
+    if (inside[k] >= 0) throw std::logic_error("optimizer quantizer table: two midpoints in one bucket");
+    inside[k] = j;
+  }
+  for (uint32_t k = 0; k < (uint32_t)kQEntries; ++k) {
+    const bool neg = k >> 15;
+    // the smallest value of the bucket (lowest magnitude bits if positive, highest if negative)
+    const float smallest = f_from_bits(neg ? (k << kQShift) | 0xffffu : k << kQShift);
+    const int base = smallest != smallest ? 0 : (int)(std::lower_bound(mids, mids + 255, smallest) - mids);
+    int32_t entry;
+    if (!neg) {
+      const int32_t thr = inside[k] >= 0 ? (int32_t)(f_bits(mids[inside[k]]) & 0xffffu) : 0xffff;
+      entry = (int32_t)((uint32_t)base | ((uint32_t)thr << 9));
+    } else {
+      const int32_t thr = inside[k] >= 0 ? (int32_t)(f_bits(mids[inside[k]]) & 0xffffu) - 1 : -1;
+      entry = (int32_t)((uint32_t)(base + 1) | ((uint32_t)thr << 9));
     }
+    out[k] = entry;
   }
 }
 
@@ -171,10 +179,10 @@ void build_quant_table(const float* mids /* 255 finite, sorted */, int32_t* out)
 const int32_t* quant_tables(const int32_t* tab) {
   std::lock_guard<std::mutex> lock(g_quant_tables.mu);
   if (g_quant_tables.source != tab) {
-    g_quant_tables.entries.assign(2 * 2 * kQBuckets, 0);
+    g_quant_tables.entries.assign(2 * kQEntries, 0);
     for (int m = 0; m < 2; ++m)
       build_quant_table(reinterpret_cast<const float*>(tab + m * kTableStride + kMidOffset),
-                        g_quant_tables.entries.data() + m * 2 * kQBuckets);
+                        g_quant_tables.entries.data() + m * kQEntries);
     g_quant_tables.source = tab;
   }
   return g_quant_tables.entries.data();
@@ -184,41 +192,40 @@ const int32_t* quant_tables(const int32_t* tab) {
 
 // Quantizing 8 scaled values sc: their buckets (table indices), then, from the table entries e, their codes
 // (low byte of each int32 lane). The entries are looked up in between with scalar loads (lookup8).
-QK_AVX2_INLINE __m256i bucket8(__m256 sc) {
-  const __m256i bits = _mm256_castps_si256(sc);
-  const __m256i sgn = _mm256_srai_epi32(bits, 31);
-  __m256i k = _mm256_srli_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), kQShift);
-  k = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(k, _mm256_set1_epi32(kQLo)), _mm256_set1_epi32(kQHi - 1)),
-                       _mm256_set1_epi32(kQLo));
-  return _mm256_add_epi32(k, _mm256_and_si256(sgn, _mm256_set1_epi32(kQBuckets)));
-}
+QK_AVX2_INLINE __m256i bucket8(__m256 sc) { return _mm256_srli_epi32(_mm256_castps_si256(sc), kQShift); }
 QK_AVX2_INLINE __m256i code8(__m256 sc, __m256i e) {
   const __m256i bits = _mm256_castps_si256(sc);
-  const __m256i low = _mm256_set1_epi32(0xffff);
-  const __m256i key = _mm256_xor_si256(_mm256_and_si256(bits, low), _mm256_and_si256(_mm256_srai_epi32(bits, 31), low));
-  // code = base + (key > thr): the compare mask is -1 where true
-  return _mm256_sub_epi32(_mm256_and_si256(e, _mm256_set1_epi32(0xff)),
-                          _mm256_cmpgt_epi32(key, _mm256_srli_epi32(e, 8)));
+  const __m256i gt = _mm256_cmpgt_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0xffff)), _mm256_srai_epi32(e, 9));
+  // B - sign(s) * (key > thr): the compare mask is -1 where true; vpsignd negates it for negative s
+  return _mm256_sub_epi32(_mm256_and_si256(e, _mm256_set1_epi32(0x1ff)), _mm256_sign_epi32(gt, bits));
 }
 QK_AVX2_INLINE void store_codes8(uint8_t* out, __m256i code) {
   const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(w, w));
 }
-// Table lookups as 8 scalar loads assembled in a register (vmovd / vpinsrd / vinsertps): no gathers (on Zen 3
-// an 8-lane gather costs more than 8 scalar loads through L1) and no round trip of the entries through a
-// stack array. Measured (one thread, 0.5M float32 values, under load): decode8 so took the step from ~1.75 to
-// ~1.45 ms; lookup8 so (instead of a scalar pass storing all 256 entries, reloaded as vectors) cut ~10-20% more.
+// Table lookups as 8 scalar loads assembled in a register: no gathers (on Zen 3 an 8-lane gather costs more
+// than 8 scalar loads through L1) and no round trip of the entries through a stack array (a scalar pass
+// storing all 256 entries, reloaded as vectors, was ~10-20% slower). The quantizer's entries are moved as
+// float32 lanes (vmovss / vinsertps from memory: moves, so every bit pattern, NaN ones included, arrives
+// intact): Zen 3 issues those at twice the rate of vpinsrd from memory (llvm-mca znver3: the requantize loop
+// 18.5 -> 13.1 cycles per 8 values of both states; measured ~4% off the step).
 QK_AVX2_INLINE __m256i lookup8(const int32_t* k, const int32_t* table) {
-  return _mm256_setr_epi32(table[k[0]], table[k[1]], table[k[2]], table[k[3]], table[k[4]], table[k[5]], table[k[6]],
-                           table[k[7]]);
+  const float* t = reinterpret_cast<const float*>(table);
+  const __m128 lo = _mm_setr_ps(t[k[0]], t[k[1]], t[k[2]], t[k[3]]);
+  const __m128 hi = _mm_setr_ps(t[k[4]], t[k[5]], t[k[6]], t[k[7]]);
+  return _mm256_castps_si256(_mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1));
 }
-// map[code] * absmax for 8 codes (the 8 code bytes read as one word).
+// map[code] * absmax for 8 codes (the 8 code bytes read as one word): 8 broadcast loads (load ports only)
+// merged by a tree of 7 blends (any FP pipe), which leaves Zen 3's shuffle pipes (also the divider's FP1) to the
+// rest; vmovss + vinsertps + vinsertf128 (7 shuffles) measured 1-4% slower, a vgatherdps ~50% slower.
 QK_AVX2_INLINE __m256 decode8(const uint8_t* codes, const float* map, __m256 absmax) {
   uint64_t w;
   std::memcpy(&w, codes, 8);
-  const __m128 lo = _mm_setr_ps(map[w & 255], map[(w >> 8) & 255], map[(w >> 16) & 255], map[(w >> 24) & 255]);
-  const __m128 hi = _mm_setr_ps(map[(w >> 32) & 255], map[(w >> 40) & 255], map[(w >> 48) & 255], map[w >> 56]);
-  return _mm256_mul_ps(_mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1), absmax);
+#define QK_BCAST(i) _mm256_broadcast_ss(map + ((w >> (8 * (i))) & 255))
+  const __m256 x = _mm256_blend_ps(QK_BCAST(0), QK_BCAST(1), 0xaa), y = _mm256_blend_ps(QK_BCAST(2), QK_BCAST(3), 0xaa);
+  const __m256 z = _mm256_blend_ps(QK_BCAST(4), QK_BCAST(5), 0xaa), u = _mm256_blend_ps(QK_BCAST(6), QK_BCAST(7), 0xaa);
+#undef QK_BCAST
+  return _mm256_mul_ps(_mm256_blend_ps(_mm256_blend_ps(x, y, 0xcc), _mm256_blend_ps(z, u, 0xcc), 0xf0), absmax);
 }
 
 // 8 parameter / gradient values as float32, and back (bf16: round to nearest even, NaN -> 0x7fc0, as
@@ -257,12 +264,13 @@ QK_AVX2_INLINE void store8(void* dst, int64_t i, __m256 v) {
 }
 
 struct Scalars8 {
-  __m256 beta1, beta2, omb1, omb2, bc2_sqrt, eps, decay, step_size;
+  __m256 beta1, beta2, omb1, omb2, bc2_sqrt, eps, decay, step_size, eps_bc2, step_size_bc2;
 };
 QK_AVX2_INLINE Scalars8 splat(const AdamScalars& s) {
   return {_mm256_set1_ps(s.beta1),    _mm256_set1_ps(s.beta2), _mm256_set1_ps(s.one_minus_beta1),
           _mm256_set1_ps(s.one_minus_beta2), _mm256_set1_ps(s.bc2_sqrt), _mm256_set1_ps(s.eps),
-          _mm256_set1_ps(s.decay),    _mm256_set1_ps(s.step_size)};
+          _mm256_set1_ps(s.decay),    _mm256_set1_ps(s.step_size), _mm256_set1_ps(s.eps_bc2),
+          _mm256_set1_ps(s.step_size_bc2)};
 }
 // adamw_update on 8 lanes: the same operations in the same order (no FMA), so the same bits.
 QK_AVX2_INLINE void adamw_update8(__m256& p, __m256 g, __m256& m, __m256& v, const Scalars8& s) {
@@ -271,6 +279,14 @@ QK_AVX2_INLINE void adamw_update8(__m256& p, __m256 g, __m256& m, __m256& v, con
   const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), s.bc2_sqrt), s.eps);
   p = _mm256_mul_ps(p, s.decay);
   p = _mm256_sub_ps(p, _mm256_mul_ps(s.step_size, _mm256_div_ps(m, denom)));
+}
+// adamw8_update on 8 lanes (one division).
+QK_AVX2_INLINE void adamw8_update8(__m256& p, __m256 g, __m256& m, __m256& v, const Scalars8& s) {
+  m = _mm256_add_ps(_mm256_mul_ps(m, s.beta1), _mm256_mul_ps(g, s.omb1));
+  v = _mm256_add_ps(_mm256_mul_ps(v, s.beta2), _mm256_mul_ps(_mm256_mul_ps(g, g), s.omb2));
+  const __m256 denom = _mm256_add_ps(_mm256_sqrt_ps(v), s.eps_bc2);
+  p = _mm256_mul_ps(p, s.decay);
+  p = _mm256_sub_ps(p, _mm256_mul_ps(s.step_size_bc2, _mm256_div_ps(m, denom)));
 }
 QK_AVX2_INLINE uint32_t hmax_epi32(__m256i x) {
   __m128i y = _mm_max_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
@@ -311,7 +327,7 @@ void step8_block_portable(const Step8& a, int64_t b) {
   for (int i = 0; i < len; ++i) p[i] = load_as_float<DT>(a.p, start + i);
   for (int i = 0; i < len; ++i) g[i] = load_as_float<DT>(a.g, start + i);
   const AdamScalars s = a.s;
-  for (int i = 0; i < len; ++i) adamw_update(p[i], g[i], m[i], v[i], s);
+  for (int i = 0; i < len; ++i) adamw8_update(p[i], g[i], m[i], v[i], s);
   for (int i = 0; i < len; ++i) store_from_float<DT>(a.p, start + i, p[i]);
   uint32_t mx1 = 0, mx2 = 0;
   for (int i = 0; i < len; ++i) mx1 = std::max(mx1, abs_bits(m[i]));
@@ -345,7 +361,7 @@ QK_AVX2_INLINE void step8_block_avx2(const Step8& a, const Scalars8& vs, int64_t
     __m256 mi = decode8(c1 + i, map1, vam1);
     __m256 vi = decode8(c2 + i, map2, vam2);
     __m256 pi = load8<DT>(a.p, start + i);
-    adamw_update8(pi, load8<DT>(a.g, start + i), mi, vi, vs);
+    adamw8_update8(pi, load8<DT>(a.g, start + i), mi, vi, vs);
     store8<DT>(a.p, start + i, pi);
     _mm256_store_ps(m + i, mi);
     _mm256_store_ps(v + i, vi);
@@ -357,7 +373,7 @@ QK_AVX2_INLINE void step8_block_avx2(const Step8& a, const Scalars8& vs, int64_t
     m[i] = state_value(map1[c1[i]], am1);
     v[i] = state_value(map2[c2[i]], am2);
     float pi = load_as_float<DT>(a.p, start + i);
-    adamw_update(pi, load_as_float<DT>(a.g, start + i), m[i], v[i], a.s);
+    adamw8_update(pi, load_as_float<DT>(a.g, start + i), m[i], v[i], a.s);
     store_from_float<DT>(a.p, start + i, pi);
     mx1 = std::max(mx1, abs_bits(m[i]));
     mx2 = std::max(mx2, abs_bits(v[i]));
@@ -368,7 +384,7 @@ QK_AVX2_INLINE void step8_block_avx2(const Step8& a, const Scalars8& vs, int64_t
   const float inv1 = state_inv_scale(new1), inv2 = state_inv_scale(new2);
   const __m256 vinv1 = _mm256_set1_ps(inv1), vinv2 = _mm256_set1_ps(inv2);
   const int32_t* qt1 = a.qt;
-  const int32_t* qt2 = a.qt + 2 * kQBuckets;
+  const int32_t* qt2 = a.qt + kQEntries;
   uint8_t* o1 = a.c1 + start;
   uint8_t* o2 = a.c2 + start;
   alignas(32) int32_t e1[kOptBlock], e2[kOptBlock];  // buckets

@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
       const uint32_t w1 = k < 4 ? q1.x : q1.y, w2 = k < 4 ? q2.x : q2.y;
       m[k] = state_value(s_map1[(w1 >> (8 * (k & 3))) & 0xffu], am1);
       v[k] = state_value(s_map2[(w2 >> (8 * (k & 3))) & 0xffu], am2);
-      adamw_update(pv[k], gv[k], m[k], v[k], s);
+      adamw8_update(pv[k], gv[k], m[k], v[k], s);
       mx1 = max(mx1, abs_bits(m[k]));
       mx2 = max(mx2, abs_bits(v[k]));
     }
@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(kThreads)
         m[k] = state_value(s_map1[c1[i]], am1);
         v[k] = state_value(s_map2[c2[i]], am2);
         float pv = load_as_float<DT>(p, i);
-        adamw_update(pv, load_as_float<DT>(g, i), m[k], v[k], s);
+        adamw8_update(pv, load_as_float<DT>(g, i), m[k], v[k], s);
         store_from_float<DT>(p, i, pv);
         mx1 = max(mx1, abs_bits(m[k]));
         mx2 = max(mx2, abs_bits(v[k]));

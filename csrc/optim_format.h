@@ -83,20 +83,25 @@ QK_HD double ipow(double base, int64_t exp) {
 }
 
 // The float32 scalars of step t (>= 1): computed in double, rounded once (reference.step_scalars).
+// eps_bc2 and step_size_bc2 are the 8-bit update's (bitsandbytes' blockwise form, adamw8_update).
 struct AdamScalars {
-  float beta1, beta2, one_minus_beta1, one_minus_beta2, bc2_sqrt, eps, decay, step_size;
+  float beta1, beta2, one_minus_beta1, one_minus_beta2, bc2_sqrt, eps, decay, step_size, eps_bc2, step_size_bc2;
 };
 
 QK_HD AdamScalars adam_scalars(int64_t t, double lr, double beta1, double beta2, double eps, double weight_decay) {
+  const double bc1 = d_sub(1.0, ipow(beta1, t));
+  const double bc2 = d_sqrt(d_sub(1.0, ipow(beta2, t)));
   AdamScalars s;
   s.beta1 = (float)beta1;
   s.beta2 = (float)beta2;
   s.one_minus_beta1 = (float)d_sub(1.0, beta1);
   s.one_minus_beta2 = (float)d_sub(1.0, beta2);
-  s.bc2_sqrt = (float)d_sqrt(d_sub(1.0, ipow(beta2, t)));
+  s.bc2_sqrt = (float)bc2;
   s.eps = (float)eps;
   s.decay = (float)d_sub(1.0, d_mul(lr, weight_decay));
-  s.step_size = (float)d_div(lr, d_sub(1.0, ipow(beta1, t)));
+  s.step_size = (float)d_div(lr, bc1);
+  s.eps_bc2 = (float)d_mul(eps, bc2);
+  s.step_size_bc2 = (float)d_div(d_mul(lr, bc2), bc1);
   return s;
 }
 
@@ -107,6 +112,18 @@ QK_HD void adamw_update(float& p, float g, float& m, float& v, const AdamScalars
   const float denom = f_add(f_div(f_sqrt(v), s.bc2_sqrt), s.eps);
   p = f_mul(p, s.decay);
   p = f_sub(p, f_mul(s.step_size, f_div(m, denom)));
+}
+
+// One element of the 8-bit AdamW step (reference.adamw8_update_ref): bitsandbytes' blockwise 8-bit form,
+// the bias corrections folded into the scalars, so ONE division and a square root per value:
+// p = p * decay - (lr * bc2 / bc1) * (m / (sqrt(v) + eps * bc2)), algebraically adamw_update. The 32-bit step
+// keeps adamw_update (torch.optim.AdamW's order of operations).
+QK_HD void adamw8_update(float& p, float g, float& m, float& v, const AdamScalars& s) {
+  m = f_add(f_mul(m, s.beta1), f_mul(g, s.one_minus_beta1));
+  v = f_add(f_mul(v, s.beta2), f_mul(f_mul(g, g), s.one_minus_beta2));
+  const float denom = f_add(f_sqrt(v), s.eps_bc2);
+  p = f_mul(p, s.decay);
+  p = f_sub(p, f_mul(s.step_size_bc2, f_div(m, denom)));
 }
 
 QK_HD bool grad_rejected(float g) { return abs_bits(g) >= kGradLimitBits; }

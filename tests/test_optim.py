@@ -193,11 +193,49 @@ def test_kernel_quantizer_on_every_boundary(isa):
 
 
 @needs_native
+def test_kernel_quantizer_at_the_scaled_edges(isa):
+    """The x86 quantizer table is indexed by the top 16 bits of s = x * (1 / absmax) with no clamp: the
+    block's absmax scales to 1 or just below it (absmax * fl(1 / absmax) rounds to 1 - 2^-24 for some absmax,
+    never above 1), the others fall through every binade down to +-0 and the subnormals. Blocks led by such
+    absmaxes (half of each kind), with +-absmax, +-0 and tiny values, against the reference (betas (0, 0):
+    m = g, v = g * g, so absmax2 = absmax1^2 rounded)."""
+    import numpy as np
+
+    a = (np.random.default_rng(0).random(20000, dtype=np.float32) * 4 + 0.5).astype(np.float32)
+    prod = a * (np.float32(1) / a)
+    assert (prod <= 1).all()
+    up = np.concatenate([a[prod < 1][:20], a[prod == 1][:20]])  # absmax whose scaled self lands below / at 1
+    assert len(up) == 40
+    rows = []
+    for k, x in enumerate(up.tolist()):
+        rest = torch.tensor([-x, x, 0.0, -0.0, 1e-45, -1e-45, 1e-30 * x, -x * 0.5 ** (k % 30)])
+        tail = torch.randn(OF.BLOCKSIZE - 1 - len(rest), generator=torch.Generator().manual_seed(k)) * x / 4
+        rows.append(torch.cat([torch.tensor([x if k % 2 else -x]), rest, tail.clamp(-x, x)]))
+    grad = torch.cat(rows)
+    results = []
+    for backend in ("native", "reference"):
+        p = torch.nn.Parameter(torch.zeros(grad.numel()))
+        opt = optim.AdamW8bit([p], betas=(0.0, 0.0), weight_decay=0.0)
+        p.grad = grad.clone()
+        set_backend(backend)
+        try:
+            opt.step()
+        finally:
+            set_backend(None)
+        results.append((p, opt.state[p]))
+    (pn, sn), (pr, sr) = results
+    assert_same(pn.detach(), pr.detach(), f"{isa} param")
+    for k in ("state1", "state2", "absmax1", "absmax2"):
+        assert_same(sn[k], sr[k], f"{isa} {k}")
+    assert int(sn["state1"].max()) == 255 and int(sn["state2"].max()) == 255
+
+
+@needs_native
 def test_kernel_decodes_every_code(isa):
     """The kernels' state decode (map[code] * absmax, table lookups assembled in registers on x86) on all 256
     codes of both maps at every lane position, against the reference. grad 0, param 0, betas 1/2 and
-    lr = 1 - beta1 make the new parameter -(m / 2) / (sqrt(v / 2) / bc2 + eps) with one rounding per
-    operation, so a wrong decoded m or v shows in its bits; the requantized states are compared too."""
+    lr = 1 - beta1 make the new parameter -(lr * bc2 / bc1) * ((m / 2) / (sqrt(v / 2) + eps * bc2)) with one
+    rounding per operation, so a wrong decoded m or v shows in its bits; the requantized states are compared too."""
     nb = 256
     n = nb * OF.BLOCKSIZE + 13  # and a tail shorter than 8
     i = torch.arange(n) % OF.BLOCKSIZE
@@ -254,6 +292,54 @@ def test_hyperparameter_edges_bit_exact(hyper):
         pr, orf = run_steps(cls, torch.bfloat16, 4097, 4, backend="reference", **hyper)
         assert_opt_same(pn, on, pr, orf, f"{cls.__name__} {hyper}")
         assert torch.isfinite(pn.float()).all()
+
+
+def _first_step_f32(p, g, lr, beta1, beta2, eps, wd, one_division):
+    """Step 1 from zero states in numpy float32, one rounding per operation (an oracle apart from reference.py):
+    bitsandbytes' blockwise 8-bit form (one division) or torch.optim.AdamW's (two)."""
+    import math
+
+    import numpy as np
+
+    f = np.float32
+    m = f(0.0) * f(beta1) + g * f(1.0 - beta1)
+    v = f(0.0) * f(beta2) + (g * g) * f(1.0 - beta2)
+    bc1, bc2 = 1.0 - beta1, math.sqrt(1.0 - beta2)
+    p = p * f(1.0 - lr * wd)
+    if one_division:
+        return p - f(lr * bc2 / bc1) * (m / (np.sqrt(v) + f(eps * bc2)))
+    return p - f(lr / bc1) * (m / (np.sqrt(v) / f(bc2) + f(eps)))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_8bit_update_is_the_one_division_form(backend):
+    """The 8-bit step's update is bitsandbytes' blockwise form, p -= (lr * bc2 / bc1) * m / (sqrt(v) + eps * bc2)
+    (one division per value), to the bit, on the kernel and the reference alike; the 32-bit step keeps torch's
+    p -= (lr / bc1) * m / (sqrt(v) / bc2 + eps). The two forms differ in the last bit on some values (checked
+    here, so the test tells them apart). First step from zero states: m and v are exact functions of g."""
+    if backend == "native" and C is None:
+        pytest.skip("qlora_kernels._C is not built")
+    import numpy as np
+
+    n = 8192 + 5
+    g = wide_grad(n, torch.float32, 3)
+    p0 = torch.randn(n, generator=torch.Generator().manual_seed(1)) * 1e-3  # the update shows in p's low bits
+    hyper = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    want8 = _first_step_f32(p0.numpy(), g.numpy(), 3e-3, 0.8, 0.95, 1e-6, 0.1, one_division=True)
+    want32 = _first_step_f32(p0.numpy(), g.numpy(), 3e-3, 0.8, 0.95, 1e-6, 0.1, one_division=False)
+    differ = int((want8.view(np.int32) != want32.view(np.int32)).sum())
+    assert differ > n // 20, ("the forms should differ on many values", differ)
+    for cls, kw, want in ((optim.AdamW8bit, {}, want8), (optim.AdamW8bit, dict(min_8bit_size=1 << 30), want32),
+                          (optim.PagedAdamW, {}, want32)):
+        p = torch.nn.Parameter(p0.clone())
+        opt = cls([p], **hyper, **kw)
+        p.grad = g.clone()
+        set_backend(backend)
+        try:
+            opt.step()
+        finally:
+            set_backend(None)
+        assert_same(p.detach(), torch.from_numpy(want), f"{backend} {cls.__name__} {kw}")
 
 
 def test_reference_matches_torch_adamw_with_float32_states():

@@ -6,7 +6,10 @@ closures, zero_grad, state_dict / load_state_dict; resuming from a state dict co
 bit for bit). Not supported: maximize, amsgrad, sparse gradients.
 
 Per tensor and step, one native call (qlora::adamw8bit_step / qlora::adamw32bit_step): dequantize the states,
-update in float32, write the parameter in its dtype, requantize. State keys (bitsandbytes' names):
+update in float32, write the parameter in its dtype, requantize. The 8-bit step writes its update in
+bitsandbytes' blockwise form, p -= (lr * bc2 / bc1) * m / (sqrt(v) + eps * bc2) (one division per value); the
+32-bit step in torch.optim.AdamW's, p -= (lr / bc1) * m / (sqrt(v) / bc2 + eps): the same algebra, rounded
+differently (optim/reference.py). State keys (bitsandbytes' names):
     8-bit  (tensors with >= min_8bit_size elements): state1, state2 uint8 codes (shape of the parameter),
            absmax1, absmax2 float32 [ceil(n / 256)]
     32-bit (smaller tensors, and the 32-bit optimizers): state1, state2 float32 (shape of the parameter)

@@ -5,12 +5,19 @@ native kernels do per element (csrc/optim_format.h), in the same order, so kerne
 for bit. Scalars derived from the hyperparameters are computed once per step in float64 (Python floats) and
 rounded once to float32, as the kernels do.
 
-One step of tensor p with gradient g, t = step + 1 (the count of steps taken so far, plus this one):
+One step of tensor p with gradient g, t = step + 1 (the count of steps taken so far, plus this one), with
+bc1 = 1 - beta1^t and bc2 = sqrt(1 - beta2^t). The 32-bit states (torch.optim.AdamW's order of operations):
     m = m * beta1 + g * (1 - beta1)
     v = v * beta2 + (g * g) * (1 - beta2)
-    denom = sqrt(v) / sqrt(1 - beta2^t) + eps
+    denom = sqrt(v) / bc2 + eps
     p = p * (1 - lr * weight_decay)
-    p = p - (lr / (1 - beta1^t)) * (m / denom)
+    p = p - (lr / bc1) * (m / denom)
+The 8-bit states (bitsandbytes' blockwise 8-bit AdamW form: the same algebra, the bias corrections folded into
+two scalars, so one division per value instead of two; adamw8_update_ref):
+    m, v as above
+    denom = sqrt(v) + eps * bc2
+    p = p * (1 - lr * weight_decay)
+    p = p - (lr * bc2 / bc1) * (m / denom)
 then p is rounded to its dtype. A gradient holding NaN, inf or |g| >= 2^63 skips the whole step of that
 tensor: p, m, v and step stay as they were and `skipped` counts it.
 """
@@ -39,15 +46,19 @@ def ipow(base: float, exp: int) -> float:
 def step_scalars(t: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> dict:
     """The float32 scalars of step t (>= 1), computed in float64 and rounded once."""
     f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    bc1 = 1.0 - ipow(beta1, t)
+    bc2 = math.sqrt(1.0 - ipow(beta2, t))
     return {
         "beta1": f32(beta1),
         "beta2": f32(beta2),
         "one_minus_beta1": f32(1.0 - beta1),
         "one_minus_beta2": f32(1.0 - beta2),
-        "bc2_sqrt": f32(math.sqrt(1.0 - ipow(beta2, t))),
+        "bc2_sqrt": f32(bc2),
         "eps": f32(eps),
         "decay": f32(1.0 - lr * weight_decay),
-        "step_size": f32(lr / (1.0 - ipow(beta1, t))),
+        "step_size": f32(lr / bc1),
+        "eps_bc2": f32(eps * bc2),  # the 8-bit update's
+        "step_size_bc2": f32(lr * bc2 / bc1),
     }
 
 
@@ -65,6 +76,16 @@ def adamw_update_ref(p32, g, m, v, s):
     denom = sqrt_rn(v) / s["bc2_sqrt"] + s["eps"]
     p32 = p32 * s["decay"]
     p32 = p32 - s["step_size"] * (m / denom)
+    return p32, m, v
+
+
+def adamw8_update_ref(p32, g, m, v, s):
+    """The 8-bit step's per-element update (bitsandbytes' blockwise form: one division). Returns (p, m, v)."""
+    m = m * s["beta1"] + g * s["one_minus_beta1"]
+    v = v * s["beta2"] + (g * g) * s["one_minus_beta2"]
+    denom = sqrt_rn(v) + s["eps_bc2"]
+    p32 = p32 * s["decay"]
+    p32 = p32 - s["step_size_bc2"] * (m / denom)
     return p32, m, v
 
 
@@ -109,7 +130,7 @@ def adamw8bit_step_ref(param, grad, state1, state2, absmax1, absmax2, step, skip
     s = step_scalars(int(step) + 1, lr, beta1, beta2, eps, weight_decay)
     m = dequantize_state_ref(state1, absmax1, SIGNED_MAP)
     v = dequantize_state_ref(state2, absmax2, UNSIGNED_MAP)
-    p32, m, v = adamw_update_ref(param.reshape(-1).float(), grad.reshape(-1).float(), m, v, s)
+    p32, m, v = adamw8_update_ref(param.reshape(-1).float(), grad.reshape(-1).float(), m, v, s)
     param.copy_(p32.reshape(param.shape))
     c1, a1 = quantize_state_ref(m, SIGNED_MAP)
     c2, a2 = quantize_state_ref(v, UNSIGNED_MAP)
