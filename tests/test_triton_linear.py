@@ -287,12 +287,40 @@ def test_fast_path_reproduces_the_dequantization(even_m):
         for op, cfg, rows in (("fwd", fwd, N), ("dx", dx, N), ("decode", dec, N)):
             flags = tk._common.fast_flags(rows, K, bs, cfg.block_n, cfg.block_k, torch.float16)
             assert flags["FAST"], op
+            assert flags["PERM_K"] == (block_k == 2 * bs and tk.configs.perm_k_supported()), op
         torch.testing.assert_close(tk.nf4_linear(eye_k, *args, config=fwd), want.t()[:cut_k], rtol=0, atol=0)
         torch.testing.assert_close(tk.nf4_linear_dx(eye_n, *args, config=dx), want[:cut_n], rtol=0, atol=0)
         torch.testing.assert_close(tk.nf4_decode(eye_k[40:56], *args, config=dec), want.t()[40:56], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------- dispatcher
+def test_perm_k_needs_triton_3_9(monkeypatch):
+    """The two-block PERM_K tiles only where triton compiles them well (>= 3.9); older triton (torch 2.11's 3.6
+    fails to compile them for sm_90) gets the one-block table and no PERM_K flag."""
+    import triton
+
+    from qlora_kernels.triton_kernels import _common, configs
+
+    for version, ok in (("3.6.0", False), ("3.8.1", False), ("3.9.0", True), ("3.10.2", True), ("4.0.0+git1a2b", True)):
+        monkeypatch.setattr(triton, "__version__", version)
+        configs.perm_k_supported.cache_clear()
+        assert configs.perm_k_supported() is ok, version
+    configs.perm_k_supported.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    try:
+        assert not _common.fast_flags(4096, 4096, 64, 128, 128, torch.bfloat16)["PERM_K"]
+        for cap in (8, 9):
+            for op, ms in (("fwd", (64, 256, 512, 4096)), ("dx", (64, 256, 512, 4096)), ("decode", (1, 16))):
+                for M in ms:
+                    cfg = configs.table_config(op, M, cap)
+                    assert cfg.block_k <= 64 or op == "dx" and cfg.block_m == 64, (op, cap, M, cfg)
+    finally:
+        configs.perm_k_supported.cache_clear()
+    monkeypatch.undo()
+    assert configs.perm_k_supported() and configs.table_config("fwd", 4096, 9).block_k == 128
+    assert _common.fast_flags(4096, 4096, 64, 128, 128, torch.bfloat16)["PERM_K"]
+
+
 def test_dispatch_rules():
     d = dispatch
     cpu = torch.device("cpu")
@@ -307,7 +335,7 @@ def test_dispatch_rules():
     # an unmeasured eta is capped (sm_80's model says 1.0): very large M still goes to dequant + cuBLAS
     assert d.crossover_m(4096, 4096, 16, 8) < 16384
     # every table config fits its constraints after fitting to odd shapes
-    for (op, cap, bucket), cfg in d.HEURISTICS.items():
+    for (op, cap, bucket), cfg in [*d.HEURISTICS.items(), *tk.configs.LEGACY_HEURISTICS.items()]:
         for K, bs in ((4096, 64), (4100, 64), (4097, 32), (96, 128)):
             f = d.fit_config(op, cfg, bucket or 8192, 4096, K, bs)
             assert f.block_k <= bs or K % bs == 0

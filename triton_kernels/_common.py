@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .._backend import triton_interpreting
 from .._format import device_table
+from .configs import perm_k_supported
 
 def on_input_device(launcher):
     """Run a launcher with its first argument's CUDA device current: Triton launches on the current device,
@@ -50,10 +51,13 @@ def dtype_flags(dtype: torch.dtype) -> dict:
 def fast_flags(rows: int, k_in: int, blocksize: int, block_rows: int, block_k: int, dtype: torch.dtype) -> dict:
     """FAST: the aligned fast path of the W tile (nf4_tile_fast): no masks on W (rows % block_rows == 0,
     k_in % block_k == 0), whole blocks per tile row (block_k % blocksize == 0), 16-bit activations.
-    LUT_ASM: its register lookup in PTX; the interpreter runs the same path with a gather instead."""
+    LUT_ASM: its register lookup in PTX; the interpreter runs the same path with a gather instead.
+    PERM_K: two or more blocks per tile row on a triton that compiles nf4_tile's PERM_K layout
+    (configs.PERM_K_MIN_TRITON): one thread per (row, block), the tile's columns in perm_k order."""
     fast = (dtype in (torch.float16, torch.bfloat16) and rows % block_rows == 0 and k_in % block_k == 0
             and block_k % blocksize == 0)
-    return dict(FAST=fast, LUT_ASM=fast and not triton_interpreting())
+    return dict(FAST=fast, LUT_ASM=fast and not triton_interpreting(),
+                PERM_K=fast and block_k >= 2 * blocksize and perm_k_supported())
 
 
 def r_pad(r: int) -> int:

@@ -10,11 +10,13 @@ fitted to N, K and the blocksize. Tests override with `set_config_override` / `c
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Optional
 
 import torch
+import triton
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,34 @@ HEURISTICS: dict[tuple, LaunchConfig] = {
     ("dx", 0, None): _C(32, 32, 32, 4, 4, 1),
     ("decode", 0, 16): _C(16, 32, 64, 1, 4, 1),
 }
+# The two-block tiles above pay off through nf4_tile's PERM_K layout, which needs triton >= 3.9: triton 3.6
+# (torch 2.11's) fails to compile it for sm_90 (TritonGPUOptimizeDotOperands: "PassManager::run failed"), and
+# behind an opaque op it runs 6.1 (forward), 6.4 (dx) and 7.5 (decode) instructions per weight, where its
+# one-block tiles below run 5.7, 5.7 and 6.9 (sass_report counts under triton 3.6.0). Older triton keeps them.
+PERM_K_MIN_TRITON = (3, 9)
+LEGACY_HEURISTICS: dict[tuple, LaunchConfig] = {
+    ("fwd", 9, 64): _C(64, 32, 64, 8, 4, 4),
+    ("fwd", 9, 256): _C(64, 128, 64, 8, 4, 4),
+    ("fwd", 9, 1024): _C(64, 128, 64, 8, 4, 3),
+    ("fwd", 9, None): _C(64, 128, 64, 8, 4, 4),
+    ("dx", 9, 64): _C(64, 64, 64, 8, 4, 4),
+    ("decode", 9, 16): _C(16, 128, 64, 1, 4, 4),
+    ("fwd", 8, 64): _C(64, 32, 64, 8, 4, 3),
+    ("fwd", 8, 256): _C(64, 128, 64, 8, 8, 3),
+    ("dx", 8, 64): _C(64, 64, 64, 8, 4, 3),
+    ("dx", 8, 1024): _C(128, 64, 64, 8, 8, 3),
+    ("dx", 8, None): _C(128, 64, 64, 8, 8, 3),
+    ("decode", 8, 16): _C(16, 128, 64, 1, 4, 3),
+}
+
+
+@lru_cache(maxsize=None)
+def perm_k_supported() -> bool:
+    """True when this triton compiles nf4_tile's PERM_K tile well (see PERM_K_MIN_TRITON)."""
+    version = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+    return version >= PERM_K_MIN_TRITON
+
+
 # float32 activations take exact FMA dots (no tensor cores): tiles capped so they do not spill (ptxas:
 # 128x128x64 spilled ~20 KB, 64x64x32 0.6-5 KB, 64x64x16 with rank 128 ~60 B; these caps spill nothing).
 FP32_CAP = {"fwd": _C(64, 32, 16, 8, 4, 2), "dx": _C(64, 16, 32, 8, 4, 2), "decode": _C(16, 16, 64, 1, 4, 2)}
@@ -110,13 +140,15 @@ def m_bucket(M: int):
 
 def table_config(op: str, M: int, cap: int) -> LaunchConfig:
     if op == "decode":
-        return HEURISTICS[("decode", cap, 16)]
-    if cap == 0:
-        return HEURISTICS[(op, 0, None)]
-    bucket = m_bucket(M)
-    if op in ("fwd", "dx") and bucket == 16:
-        bucket = 64
-    return HEURISTICS[(op, cap, bucket)]
+        key = ("decode", cap, 16)
+    elif cap == 0:
+        key = (op, 0, None)
+    else:
+        bucket = m_bucket(M)
+        key = (op, cap, 64 if op in ("fwd", "dx") and bucket == 16 else bucket)
+    if not perm_k_supported() and key in LEGACY_HEURISTICS:
+        return LEGACY_HEURISTICS[key]
+    return HEURISTICS[key]
 
 
 def fit_config(op: str, cfg: LaunchConfig, M: int, N: int, K: int, blocksize: int,
@@ -189,6 +221,6 @@ def config_override(fn):
 
 
 __all__ = [
-    "LaunchConfig", "HEURISTICS", "FP32_CAP", "M_BUCKETS", "DECODE_MAX_M", "capability", "sm_count", "m_bucket",
+    "LaunchConfig", "HEURISTICS", "LEGACY_HEURISTICS", "PERM_K_MIN_TRITON", "perm_k_supported", "FP32_CAP", "M_BUCKETS", "DECODE_MAX_M", "capability", "sm_count", "m_bucket",
     "table_config", "fit_config", "decode_split", "pick_config", "set_config_override", "config_override",
 ]

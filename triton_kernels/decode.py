@@ -40,6 +40,7 @@ def _nf4_decode_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, LUT_ASM: tl.constexpr,
+    PERM_K: tl.constexpr,
 ):
     ACT: tl.constexpr = y_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -52,7 +53,7 @@ def _nf4_decode_kernel(
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     # PERM: the W tile's columns arrive in perm_k order (nf4_tile_fast); x's follow. Not for the register-FMA
     # variant (BLOCK_M == 1): its [BLOCK_N, BLOCK_K] tile then loads in 8-byte pieces (ptxas) for no gain
-    PERM: tl.constexpr = FAST and BLOCK_K >= 2 * BLOCKSIZE and BLOCK_M > 1
+    PERM: tl.constexpr = PERM_K and BLOCK_M > 1
     xk = perm_k(rk, BLOCKSIZE) if PERM else rk
     x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k_start + xk)[None, :] * stride_xk
 

@@ -31,6 +31,7 @@ def _nf4_linear_dx_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, LUT_ASM: tl.constexpr,
+    PERM_K: tl.constexpr,
     EVEN_M: tl.constexpr,
 ):
     ACT: tl.constexpr = dx_ptr.dtype.element_ty
@@ -45,10 +46,9 @@ def _nf4_linear_dx_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = pid_k * BLOCK_K
-    # PERM: the W tile's columns (dx's) arrive in perm_k order (nf4_tile_fast); the epilogue and the store
+    # PERM_K: the W tile's columns (dx's) arrive in perm_k order (nf4_tile_fast); the epilogue and the store
     # use the same order
-    PERM: tl.constexpr = FAST and BLOCK_K >= 2 * BLOCKSIZE
-    rk = k0 + (perm_k(tl.arange(0, BLOCK_K), BLOCKSIZE) if PERM else tl.arange(0, BLOCK_K))
+    rk = k0 + (perm_k(tl.arange(0, BLOCK_K), BLOCKSIZE) if PERM_K else tl.arange(0, BLOCK_K))
     rn = tl.arange(0, BLOCK_N)
     m_ok = rm < M
     dy_ptrs = dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn[None, :] * stride_dyn
@@ -62,7 +62,7 @@ def _nf4_linear_dx_kernel(
         else:
             dy = tl.load(dy_ptrs, mask=m_ok[:, None] & ((n0 + rn) < N)[None, :], other=0.0)
         w = nf4_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, n0, k0, N, K,
-                       BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM, PERM)
+                       BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM, PERM_K)
         if UPCAST:
             acc = tl.dot(dy.to(tl.float32), w.to(ACT).to(tl.float32), acc, input_precision="ieee")
         else:

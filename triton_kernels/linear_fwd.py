@@ -31,6 +31,7 @@ def _nf4_linear_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, LUT_ASM: tl.constexpr,
+    PERM_K: tl.constexpr,
     EVEN_M: tl.constexpr,
 ):
     ACT: tl.constexpr = y_ptr.dtype.element_ty
@@ -47,10 +48,9 @@ def _nf4_linear_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
-    # PERM: the W tile arrives with its columns in perm_k order (nf4_tile_fast); x's columns follow, the dot
+    # PERM_K: the W tile arrives with its columns in perm_k order (nf4_tile_fast); x's columns follow, the dot
     # sums over them alike
-    PERM: tl.constexpr = FAST and BLOCK_K >= 2 * BLOCKSIZE
-    xk = perm_k(rk, BLOCKSIZE) if PERM else rk
+    xk = perm_k(rk, BLOCKSIZE) if PERM_K else rk
     x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + xk[None, :] * stride_xk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -63,7 +63,7 @@ def _nf4_linear_kernel(
         else:
             x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
         w = nf4_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dmap_ptr, rn, 0, k0, N, K,
-                       BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM, PERM)
+                       BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, FAST, EVEN_K, ALIGNED, ACT, LUT_ASM, PERM_K)
         if UPCAST:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(ACT).to(tl.float32)), acc, input_precision="ieee")
         else:
