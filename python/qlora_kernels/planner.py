@@ -502,10 +502,20 @@ class _Simulator:
         key = (seq_len, batch_size)
         if key not in self.cache:
             if self.depth <= 3:
-                self.cache[key] = self._step(self.depth, seq_len, batch_size)
+                step = self._step(self.depth, seq_len, batch_size)
+                peak = step.pop("peak")
             else:  # layer 0 differs (its input needs no gradient); from 2 layers on, each adds the same
                 a, b = self._step(2, seq_len, batch_size), self._step(3, seq_len, batch_size)
-                self.cache[key] = {k: a[k] + (self.depth - 2) * (b[k] - a[k]) for k in a}
+                step = {k: a[k] + (self.depth - 2) * (b[k] - a[k]) for k in a if k not in ("peak", "windows")}
+                # The step's peak is the max over its phases, and where it falls moves with depth (e.g. LoRA
+                # gradients that outgrow the checkpoints their layers' backward frees push it to the end of
+                # backward): each phase's own peak is linear in depth, their max is not. A middle layer's
+                # backward peak lies between the first and the last layer's (linear in its position).
+                peak = max(a["windows"][w] + (self.depth - 2) * (b["windows"][w] - a["windows"][w])
+                           for w in a["windows"])
+            step.pop("windows", None)
+            step["transient"] = peak - step["saved"] - step["logits"] - step["grads"]
+            self.cache[key] = step
         return self.cache[key]
 
     def _step(self, layers, seq_len, batch_size) -> dict:
@@ -541,22 +551,66 @@ class _Simulator:
         def mark_head(*_):  # activations saved up to the output head; the rest of forward is logits and loss
             marks.setdefault("head", tracker.current)
 
-        hook = head.register_forward_pre_hook(mark_head)
+        # Peaks of the step's phases, each linear in depth (_Simulator.run): the forward, backward up to the last
+        # decoder layer ("head"), the last layer's backward ("first"), the first layer's ("last"), the rest
+        # ("tail"). A hook on a layer's output fires when its gradient arrives: that layer's backward starts.
+        order = []
+
+        def close_window(name):
+            def on_grad(grad):
+                order.append((name, tracker.peak))
+                tracker.reset_peak()
+            return on_grad
+
+        def watch_output(name):
+            def hook(module, args, output):
+                t = output[0] if isinstance(output, (tuple, list)) else output
+                if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+                    t.register_hook(close_window(name))
+            return hook
+
+        decoder = _decoder_layers(model)
+        hooks = [head.register_forward_pre_hook(mark_head)]
+        hooks += [m.register_forward_hook(watch_output(i)) for i, m in enumerate(decoder)]
+        hooks.append(model.get_input_embeddings().register_forward_hook(watch_output("embed")))
         with fake, tracker, _eager_transformers():
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             forward_end = tracker.current
+            forward_peak = tracker.peak
+            tracker.reset_peak()
             loss.backward()
-        hook.remove()
+        for h in hooks:
+            h.remove()
         del vocab
         grads = sum(_nbytes(p.grad) for p in model.parameters() if p.grad is not None)
         saved = marks["head"] - base
         logits = forward_end - marks["head"]
-        # the peak of the step above what persists (weights) and what the other terms count
-        transient = tracker.peak - base - saved - logits - grads
-        # net: it is negative when LoRA gradients not yet allocated at the peak outweigh the transients
+        # order: the gradient of layer i's output arrives when layer i's backward starts, closing the window
+        # before it (layer i + 1's backward, or the head for the last layer). A trainable embedding's output
+        # closes layer 0's; with a frozen one, backward ends with layer 0 (it is then the last window). A
+        # checkpointed layer's recomputation registers hooks too, on tensors whose gradient never arrives.
+        closed = dict(order)
+        n = len(decoder)
+        if not set(range(n)) <= set(closed):
+            raise RuntimeError(f"planner: the backward pass reached decoder layers {sorted(map(str, closed))} of {n}")
+        end = closed.get("embed", tracker.peak)  # layer 0's backward
+        windows = {"forward": forward_peak, "head": closed[n - 1], "first": closed[n - 2] if n > 1 else end,
+                   "last": end, "tail": tracker.peak}
+        peak = max(forward_peak, tracker.peak, *closed.values())
+        # relative to what persists (weights); the "transient" term is the peak above the other terms (net: it
+        # is negative when LoRA gradients not yet allocated at the peak outweigh the transients)
+        windows = {k: v - base for k, v in windows.items()}
         del loss
         step = _simulate_optimizer([p for p in model.parameters() if p.requires_grad], opts, tracker, fake)
-        return dict(saved=saved, logits=logits, transient=transient, **step)
+        return dict(saved=saved, logits=logits, grads=grads, peak=peak - base, windows=windows, **step)
+
+
+def _decoder_layers(model) -> list:
+    """The decoder layers of a transformers causal LM, in order (the ModuleList holding most parameters)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError("planner: no decoder layer list (nn.ModuleList) in the model")
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
 @contextlib.contextmanager
