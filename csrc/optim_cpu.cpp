@@ -272,18 +272,21 @@ QK_AVX2_INLINE Scalars8 splat(const AdamScalars& s) {
           _mm256_set1_ps(s.decay),    _mm256_set1_ps(s.step_size), _mm256_set1_ps(s.eps_bc2),
           _mm256_set1_ps(s.step_size_bc2)};
 }
-// adamw_update on 8 lanes: the same operations in the same order (no FMA), so the same bits.
-QK_AVX2_INLINE void adamw_update8(__m256& p, __m256 g, __m256& m, __m256& v, const Scalars8& s) {
+// adam_moments on 8 lanes: the same operations in the same order (no FMA), so the same bits.
+QK_AVX2_INLINE void adam_moments8(__m256 g, __m256& m, __m256& v, const Scalars8& s) {
   m = _mm256_add_ps(_mm256_mul_ps(m, s.beta1), _mm256_mul_ps(g, s.omb1));
   v = _mm256_add_ps(_mm256_mul_ps(v, s.beta2), _mm256_mul_ps(_mm256_mul_ps(g, g), s.omb2));
+}
+// adamw_update on 8 lanes.
+QK_AVX2_INLINE void adamw_update8(__m256& p, __m256 g, __m256& m, __m256& v, const Scalars8& s) {
+  adam_moments8(g, m, v, s);
   const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), s.bc2_sqrt), s.eps);
   p = _mm256_mul_ps(p, s.decay);
   p = _mm256_sub_ps(p, _mm256_mul_ps(s.step_size, _mm256_div_ps(m, denom)));
 }
 // adamw8_update on 8 lanes (one division).
 QK_AVX2_INLINE void adamw8_update8(__m256& p, __m256 g, __m256& m, __m256& v, const Scalars8& s) {
-  m = _mm256_add_ps(_mm256_mul_ps(m, s.beta1), _mm256_mul_ps(g, s.omb1));
-  v = _mm256_add_ps(_mm256_mul_ps(v, s.beta2), _mm256_mul_ps(_mm256_mul_ps(g, g), s.omb2));
+  adam_moments8(g, m, v, s);
   const __m256 denom = _mm256_add_ps(_mm256_sqrt_ps(v), s.eps_bc2);
   p = _mm256_mul_ps(p, s.decay);
   p = _mm256_sub_ps(p, _mm256_mul_ps(s.step_size_bc2, _mm256_div_ps(m, denom)));

@@ -105,10 +105,15 @@ QK_HD AdamScalars adam_scalars(int64_t t, double lr, double beta1, double beta2,
   return s;
 }
 
-// One element of AdamW in float32 (reference.adamw_update_ref).
-QK_HD void adamw_update(float& p, float g, float& m, float& v, const AdamScalars& s) {
+// The moments of one element, shared by both update forms (reference.adam_moments_ref order).
+QK_HD void adam_moments(float g, float& m, float& v, const AdamScalars& s) {
   m = f_add(f_mul(m, s.beta1), f_mul(g, s.one_minus_beta1));
   v = f_add(f_mul(v, s.beta2), f_mul(f_mul(g, g), s.one_minus_beta2));
+}
+
+// One element of AdamW in float32 (reference.adamw_update_ref).
+QK_HD void adamw_update(float& p, float g, float& m, float& v, const AdamScalars& s) {
+  adam_moments(g, m, v, s);
   const float denom = f_add(f_div(f_sqrt(v), s.bc2_sqrt), s.eps);
   p = f_mul(p, s.decay);
   p = f_sub(p, f_mul(s.step_size, f_div(m, denom)));
@@ -119,8 +124,7 @@ QK_HD void adamw_update(float& p, float g, float& m, float& v, const AdamScalars
 // p = p * decay - (lr * bc2 / bc1) * (m / (sqrt(v) + eps * bc2)), algebraically adamw_update. The 32-bit step
 // keeps adamw_update (torch.optim.AdamW's order of operations).
 QK_HD void adamw8_update(float& p, float g, float& m, float& v, const AdamScalars& s) {
-  m = f_add(f_mul(m, s.beta1), f_mul(g, s.one_minus_beta1));
-  v = f_add(f_mul(v, s.beta2), f_mul(f_mul(g, g), s.one_minus_beta2));
+  adam_moments(g, m, v, s);
   const float denom = f_add(f_sqrt(v), s.eps_bc2);
   p = f_mul(p, s.decay);
   p = f_sub(p, f_mul(s.step_size_bc2, f_div(m, denom)));

@@ -69,10 +69,14 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).float()
 
 
+def adam_moments_ref(g, m, v, s):
+    """The moments' update in float32, shared by both update forms. Returns (m, v)."""
+    return m * s["beta1"] + g * s["one_minus_beta1"], v * s["beta2"] + (g * g) * s["one_minus_beta2"]
+
+
 def adamw_update_ref(p32, g, m, v, s):
     """The per-element update in float32 (all operands float32 tensors). Returns (p, m, v)."""
-    m = m * s["beta1"] + g * s["one_minus_beta1"]
-    v = v * s["beta2"] + (g * g) * s["one_minus_beta2"]
+    m, v = adam_moments_ref(g, m, v, s)
     denom = sqrt_rn(v) / s["bc2_sqrt"] + s["eps"]
     p32 = p32 * s["decay"]
     p32 = p32 - s["step_size"] * (m / denom)
@@ -81,8 +85,7 @@ def adamw_update_ref(p32, g, m, v, s):
 
 def adamw8_update_ref(p32, g, m, v, s):
     """The 8-bit step's per-element update (bitsandbytes' blockwise form: one division). Returns (p, m, v)."""
-    m = m * s["beta1"] + g * s["one_minus_beta1"]
-    v = v * s["beta2"] + (g * g) * s["one_minus_beta2"]
+    m, v = adam_moments_ref(g, m, v, s)
     denom = sqrt_rn(v) + s["eps_bc2"]
     p32 = p32 * s["decay"]
     p32 = p32 - s["step_size_bc2"] * (m / denom)
