@@ -128,6 +128,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("flag_ptr"), py::arg("n"), py::arg("dtype_code"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("num_threads"),
         "One fused AdamW step with float32 states.");
+  m.def("adamw8bit_steps_cpu", &qk::adamw8bit_steps_cpu, nogil, py::arg("param_ptrs"), py::arg("grad_ptrs"),
+        py::arg("state1_ptrs"), py::arg("state2_ptrs"), py::arg("absmax1_ptrs"), py::arg("absmax2_ptrs"),
+        py::arg("step_ptrs"), py::arg("skipped_ptrs"), py::arg("ns"), py::arg("dtype_codes"), py::arg("flag_ptr"),
+        py::arg("table_ptr"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("num_threads"),
+        "adamw8bit_step_cpu over many tensors in one call (lists with one entry per tensor).");
+  m.def("adamw32bit_steps_cpu", &qk::adamw32bit_steps_cpu, nogil, py::arg("param_ptrs"), py::arg("grad_ptrs"),
+        py::arg("exp_avg_ptrs"), py::arg("exp_avg_sq_ptrs"), py::arg("step_ptrs"), py::arg("skipped_ptrs"),
+        py::arg("ns"), py::arg("dtype_codes"), py::arg("flag_ptr"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("eps"), py::arg("weight_decay"), py::arg("num_threads"),
+        "adamw32bit_step_cpu over many tensors in one call (lists with one entry per tensor).");
   m.def("adamw8bit_step_cuda", &qk::adamw8bit_step_cuda, nogil, py::arg("param_ptr"), py::arg("grad_ptr"),
         py::arg("state1_ptr"), py::arg("state2_ptr"), py::arg("absmax1_ptr"), py::arg("absmax2_ptr"),
         py::arg("step_ptr"), py::arg("skipped_ptr"), py::arg("flag_ptr"), py::arg("table_ptr"), py::arg("n"),

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace qk {
 
@@ -30,6 +31,22 @@ void adamw8bit_step_cpu(uintptr_t param, uintptr_t grad, uintptr_t state1, uintp
 void adamw32bit_step_cpu(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t step,
                          uintptr_t skipped, uintptr_t flag, int64_t n, int64_t dtype, double lr, double beta1,
                          double beta2, double eps, double weight_decay, int64_t num_threads);
+
+// Many tensors in one call (one parameter group: the same hyperparameters; per-tensor lists of one entry per
+// tensor, dtypes may differ). Each tensor is stepped, or skipped for a bad gradient, exactly as the single-tensor
+// entry points above do it (those call these with one tensor).
+void adamw8bit_steps_cpu(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
+                         const std::vector<uintptr_t>& state1, const std::vector<uintptr_t>& state2,
+                         const std::vector<uintptr_t>& absmax1, const std::vector<uintptr_t>& absmax2,
+                         const std::vector<uintptr_t>& step, const std::vector<uintptr_t>& skipped,
+                         const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag,
+                         uintptr_t table, double lr, double beta1, double beta2, double eps, double weight_decay,
+                         int64_t num_threads);
+void adamw32bit_steps_cpu(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
+                          const std::vector<uintptr_t>& exp_avg, const std::vector<uintptr_t>& exp_avg_sq,
+                          const std::vector<uintptr_t>& step, const std::vector<uintptr_t>& skipped,
+                          const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag, double lr,
+                          double beta1, double beta2, double eps, double weight_decay, int64_t num_threads);
 
 // ---- CUDA (optim_cuda.cu, or optim_cuda_stub.cpp without CUDA); last argument: cudaStream_t ----------------
 void adamw8bit_step_cuda(uintptr_t param, uintptr_t grad, uintptr_t state1, uintptr_t state2, uintptr_t absmax1,

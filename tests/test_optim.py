@@ -385,6 +385,70 @@ def test_nonfinite_gradient_skips_the_tensor(bad, dtype):
     assert int(opt.state[q]["step"]) == 2
 
 
+# Sizes of one parameter group in one native call: both state widths (min_8bit_size=256), empty and ragged
+# tensors, every dtype, and enough work for two threads whose chunks split a tensor (grains shrunk below).
+MANY_SIZES = (0, 70001, 1, 255, 256, 4097, 100003, 300, 65536, 513)
+
+
+@needs_native
+def test_many_tensors_in_one_call_match_the_reference(isa, monkeypatch):
+    """The eager path (one adamw8bit_steps_cpu / adamw32bit_steps_cpu call per group) against the reference,
+    one tensor at a time: mixed sizes, dtypes and state widths, two threads with chunks spanning tensors, and
+    a NaN gradient in one tensor that skips that tensor only."""
+    from qlora_kernels import _ops
+
+    monkeypatch.setattr(_ops, "_OPTIM_GRAIN", 1024)
+    monkeypatch.setattr(_ops, "_CPU_GRAIN", 1024)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for backend in ("native", "reference"):
+            torch.manual_seed(0)
+            ps = [torch.nn.Parameter(torch.randn(n).to(DTYPES[i % 3])) for i, n in enumerate(MANY_SIZES)]
+            opt = optim.AdamW8bit(ps, lr=1e-2, weight_decay=0.1, min_8bit_size=256)
+            set_backend(backend)
+            try:
+                for s in range(3):
+                    for i, p in enumerate(ps):
+                        p.grad = wide_grad(p.numel(), p.dtype, seed=10 * s + i)
+                        if s == 1 and i == 6:
+                            p.grad[p.numel() // 3] = float("inf")
+                    opt.step()
+            finally:
+                set_backend(None)
+            results.append((ps, opt))
+    finally:
+        torch.set_num_threads(threads)
+    (pn, on), (pr, orf) = results
+    for i, (a, b) in enumerate(zip(pn, pr)):
+        assert_opt_same(a, on, b, orf, f"{isa} tensor {i} ({MANY_SIZES[i]}, {a.dtype})")
+        assert ("absmax1" in on.state[a]) == (a.numel() >= 256)
+    assert [int(on.state[p]["skipped"]) for p in pn] == [1 if i == 6 else 0 for i in range(len(pn))]
+    assert int(on.state[pn[6]]["step"]) == 2 and int(on.state[pn[7]]["step"]) == 3
+
+
+@needs_native
+def test_eager_path_checks_what_the_ops_check():
+    from qlora_kernels import _ops
+
+    n = 300
+    z64 = lambda: torch.zeros((), dtype=torch.int64)  # noqa: E731
+    ok = [torch.randn(n), torch.randn(n), torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8),
+          torch.zeros(2), torch.zeros(2), z64(), z64()]
+    _ops.adamw_steps([tuple(ok)], [], 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    for k, bad, match in ((2, torch.zeros(n), "state1 must be torch.uint8"), (4, torch.zeros(1), "absmax1 has 1"),
+                          (1, torch.randn(n).half(), "grad dtype"), (6, torch.zeros(2, dtype=torch.int64), "step")):
+        item = list(ok)
+        item[k] = bad
+        with pytest.raises(RuntimeError, match=match):
+            _ops.adamw_steps([tuple(item)], [], 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    p = torch.zeros(8)
+    with pytest.raises(ValueError, match="grad has 0 entries"):
+        C.adamw32bit_steps_cpu([p.data_ptr()], [], [p.data_ptr()], [p.data_ptr()], [p.data_ptr()], [p.data_ptr()],
+                               [8], [0], p.data_ptr(), 1e-3, 0.9, 0.9, 1e-8, 0.0, 1)
+
+
 # ------------------------------------------------------------------------------------------------ optimizer
 def test_paged_equals_unpaged_on_cpu():
     for paged, plain in ((optim.PagedAdamW8bit, optim.AdamW8bit), (optim.PagedAdamW32bit, optim.PagedAdamW)):

@@ -448,17 +448,41 @@ def _(dy, packed, absmax, nested_absmax, offset, out_features, in_features, bloc
 # Fused AdamW steps (qlora_kernels.optim). Each mutates param, its states and the step/skipped counters in
 # place; contract in csrc/optim_kernels.h, reference in optim/reference.py. The validation of tensors happens
 # in optim/adamw.py; the checks here guard the pointers.
-def _check_step_tensors(param: Tensor, grad: Tensor, states: tuple, step: Tensor, skipped: Tensor) -> None:
-    torch._check(param.dtype in DTYPE_CODES, lambda: f"param must be float32/float16/bfloat16, got {param.dtype}")
-    torch._check(grad.dtype == param.dtype, lambda: f"grad dtype {grad.dtype} differs from param dtype {param.dtype}")
-    torch._check(grad.numel() == param.numel(), lambda: f"grad has {grad.numel()} elements, param {param.numel()}")
-    for name, t, n in states:
-        torch._check(t.numel() == n, lambda: f"{name} has {t.numel()} elements, needs {n}")
-        torch._check(t.is_contiguous(), lambda: f"{name} must be contiguous")
-        torch._check(t.device == param.device, lambda: f"{name} is on {t.device}, param on {param.device}")
+def _raise_unless(cond: bool, message) -> None:
+    """torch._check's contract without its symbolic-shape machinery (~3 us a call): the eager path's checks."""
+    if not cond:
+        raise RuntimeError(message())
+
+
+def _check_step_tensors(param: Tensor, grad: Tensor, states: tuple, step: Tensor, skipped: Tensor,
+                        check=torch._check) -> None:
+    check(param.dtype in DTYPE_CODES, lambda: f"param must be float32/float16/bfloat16, got {param.dtype}")
+    check(grad.dtype == param.dtype, lambda: f"grad dtype {grad.dtype} differs from param dtype {param.dtype}")
+    check(grad.numel() == param.numel(), lambda: f"grad has {grad.numel()} elements, param {param.numel()}")
+    check(grad.device == param.device, lambda: f"grad is on {grad.device}, param on {param.device}")
+    for name, t, n, dtype in states:
+        check(t.numel() == n, lambda: f"{name} has {t.numel()} elements, needs {n}")
+        check(t.dtype == dtype, lambda: f"{name} must be {dtype}, got {t.dtype}")
+        check(t.is_contiguous(), lambda: f"{name} must be contiguous")
+        check(t.device == param.device, lambda: f"{name} is on {t.device}, param on {param.device}")
     for name, t in (("step", step), ("skipped", skipped)):
-        torch._check(t.dtype == torch.int64 and t.numel() == 1, lambda: f"{name} must be one int64, got {t.dtype} {tuple(t.shape)}")
-    torch._check(param.is_contiguous(), lambda: "param must be contiguous")
+        check(t.dtype == torch.int64 and t.numel() == 1, lambda: f"{name} must be one int64, got {t.dtype} {tuple(t.shape)}")
+        check(t.device == param.device, lambda: f"{name} is on {t.device}, param on {param.device}")
+    check(param.is_contiguous(), lambda: "param must be contiguous")
+
+
+def _check_step8(param, grad, state1, state2, absmax1, absmax2, step, skipped, check=torch._check) -> None:
+    n = param.numel()
+    nb = (n + 255) // 256
+    _check_step_tensors(param, grad, (("state1", state1, n, torch.uint8), ("state2", state2, n, torch.uint8),
+                                      ("absmax1", absmax1, nb, torch.float32), ("absmax2", absmax2, nb, torch.float32)),
+                        step, skipped, check)
+
+
+def _check_step32(param, grad, exp_avg, exp_avg_sq, step, skipped, check=torch._check) -> None:
+    n = param.numel()
+    _check_step_tensors(param, grad, (("exp_avg", exp_avg, n, torch.float32), ("exp_avg_sq", exp_avg_sq, n, torch.float32)),
+                        step, skipped, check)
 
 
 _optim_flags: dict = {}
@@ -469,6 +493,43 @@ def _optim_flag(device: torch.device) -> Tensor:
     if device not in _optim_flags:
         _optim_flags[device] = torch.zeros((), dtype=torch.int32, device=device)
     return _optim_flags[device]
+
+
+def _adamw8bit_step_impl(param, grad, state1, state2, absmax1, absmax2, step, skipped, lr, beta1, beta2, eps,
+                         weight_decay) -> None:
+    """qlora::adamw8bit_step's body, callable without the dispatcher (adamw_steps)."""
+    from .optim import reference as optim_ref
+    from .optim._format import kernel_table
+
+    n = param.numel()
+    if not use_native(param.device):
+        optim_ref.adamw8bit_step_ref(param, grad, state1, state2, absmax1, absmax2, step, skipped,
+                                     lr, beta1, beta2, eps, weight_decay)
+        return
+    grad = grad.contiguous()
+    _native("adamw8bit_step", param.device, n, _OPTIM_GRAIN)(
+        param.data_ptr(), grad.data_ptr(), state1.data_ptr(), state2.data_ptr(), absmax1.data_ptr(),
+        absmax2.data_ptr(), step.data_ptr(), skipped.data_ptr(), _optim_flag(param.device).data_ptr(),
+        kernel_table(param.device).data_ptr(), n, DTYPE_CODES[param.dtype], lr, beta1, beta2, eps, weight_decay,
+    )
+
+
+def _adamw32bit_step_impl(param, grad, exp_avg, exp_avg_sq, step, skipped, lr, beta1, beta2, eps,
+                          weight_decay) -> None:
+    """qlora::adamw32bit_step's body, callable without the dispatcher (adamw_steps)."""
+    from .optim import reference as optim_ref
+
+    n = param.numel()
+    if not use_native(param.device):
+        optim_ref.adamw32bit_step_ref(param, grad, exp_avg, exp_avg_sq, step, skipped,
+                                      lr, beta1, beta2, eps, weight_decay)
+        return
+    grad = grad.contiguous()
+    _native("adamw32bit_step", param.device, n)(
+        param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(),
+        skipped.data_ptr(), _optim_flag(param.device).data_ptr(), n, DTYPE_CODES[param.dtype],
+        lr, beta1, beta2, eps, weight_decay,
+    )
 
 
 @torch.library.custom_op(
@@ -492,30 +553,13 @@ def adamw8bit_step(
     """One AdamW step with blockwise 8-bit states: state1/state2 uint8 codes (numel of param; signed /
     unsigned dynamic map), absmax1/absmax2 float32 [ceil(n / 256)], step/skipped int64 []. A gradient with
     NaN, inf or |g| >= 2^63 leaves everything but `skipped` (+1) untouched."""
-    from .optim import reference as optim_ref
-    from .optim._format import kernel_table
-
-    n = param.numel()
-    if not use_native(param.device):
-        optim_ref.adamw8bit_step_ref(param, grad, state1, state2, absmax1, absmax2, step, skipped,
-                                     lr, beta1, beta2, eps, weight_decay)
-        return
-    grad = grad.contiguous()
-    _native("adamw8bit_step", param.device, n, _OPTIM_GRAIN)(
-        param.data_ptr(), grad.data_ptr(), state1.data_ptr(), state2.data_ptr(), absmax1.data_ptr(),
-        absmax2.data_ptr(), step.data_ptr(), skipped.data_ptr(), _optim_flag(param.device).data_ptr(),
-        kernel_table(param.device).data_ptr(), n, DTYPE_CODES[param.dtype], lr, beta1, beta2, eps, weight_decay,
-    )
+    _adamw8bit_step_impl(param, grad, state1, state2, absmax1, absmax2, step, skipped, lr, beta1, beta2, eps,
+                         weight_decay)
 
 
 @adamw8bit_step.register_fake
 def _(param, grad, state1, state2, absmax1, absmax2, step, skipped, lr, beta1, beta2, eps, weight_decay):
-    n = param.numel()
-    nb = (n + 255) // 256
-    _check_step_tensors(param, grad, (("state1", state1, n), ("state2", state2, n), ("absmax1", absmax1, nb),
-                                      ("absmax2", absmax2, nb)), step, skipped)
-    torch._check(state1.dtype == torch.uint8 and state2.dtype == torch.uint8, lambda: "8-bit states must be uint8")
-    torch._check(absmax1.dtype == torch.float32 and absmax2.dtype == torch.float32, lambda: "absmax must be float32")
+    _check_step8(param, grad, state1, state2, absmax1, absmax2, step, skipped)
     return None
 
 
@@ -534,24 +578,49 @@ def adamw32bit_step(
     weight_decay: float,
 ) -> None:
     """One AdamW step with float32 states exp_avg/exp_avg_sq (numel of param); counters as adamw8bit_step."""
-    from .optim import reference as optim_ref
-
-    n = param.numel()
-    if not use_native(param.device):
-        optim_ref.adamw32bit_step_ref(param, grad, exp_avg, exp_avg_sq, step, skipped,
-                                      lr, beta1, beta2, eps, weight_decay)
-        return
-    grad = grad.contiguous()
-    _native("adamw32bit_step", param.device, n)(
-        param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(),
-        skipped.data_ptr(), _optim_flag(param.device).data_ptr(), n, DTYPE_CODES[param.dtype],
-        lr, beta1, beta2, eps, weight_decay,
-    )
+    _adamw32bit_step_impl(param, grad, exp_avg, exp_avg_sq, step, skipped, lr, beta1, beta2, eps, weight_decay)
 
 
 @adamw32bit_step.register_fake
 def _(param, grad, exp_avg, exp_avg_sq, step, skipped, lr, beta1, beta2, eps, weight_decay):
-    n = param.numel()
-    _check_step_tensors(param, grad, (("exp_avg", exp_avg, n), ("exp_avg_sq", exp_avg_sq, n)), step, skipped)
-    torch._check(exp_avg.dtype == torch.float32 and exp_avg_sq.dtype == torch.float32, lambda: "states must be float32")
+    _check_step32(param, grad, exp_avg, exp_avg_sq, step, skipped)
     return None
+
+
+def adamw_steps(steps8: list, steps32: list, lr: float, beta1: float, beta2: float, eps: float,
+                weight_decay: float) -> None:
+    """The optimizers' eager path: the same work as qlora::adamw8bit_step / qlora::adamw32bit_step on each
+    tensor, without the dispatcher (torch.library's Python custom-op dispatch costs ~0.2-0.3 ms per call, more
+    than a 64K-element step, and a LoRA model has hundreds of tensors). On the CPU with the native kernels, all
+    tensors of a state width go in ONE call (csrc adamw*_steps_cpu: one thread team over all their work).
+    steps8: (param, grad, state1, state2, absmax1, absmax2, step, skipped) tuples; steps32: (param, grad,
+    exp_avg, exp_avg_sq, step, skipped); tensors checked as the ops' fakes check them; one device per call."""
+    from .optim._format import kernel_table
+
+    cpu_native = lambda t: t.device.type == "cpu" and use_native(t.device)  # noqa: E731
+    for items, impl, check in ((steps8, _adamw8bit_step_impl, _check_step8),
+                               (steps32, _adamw32bit_step_impl, _check_step32)):
+        for item in items:
+            check(*item, check=_raise_unless)
+        if not items:
+            continue
+        if not cpu_native(items[0][0]):
+            for item in items:
+                impl(*item, lr, beta1, beta2, eps, weight_decay)
+            continue
+        grads = [item[1].contiguous() for item in items]  # alive until the call returns
+        params = [item[0] for item in items]
+        ptrs = lambda k: [item[k].data_ptr() for item in items]  # noqa: E731
+        ns = [p.numel() for p in params]
+        codes = [DTYPE_CODES[p.dtype] for p in params]
+        flag = _optim_flag(params[0].device).data_ptr()
+        m = native_module()
+        if items is steps8:
+            threads = max(1, min(torch.get_num_threads(), sum(ns) // _OPTIM_GRAIN))
+            m.adamw8bit_steps_cpu(ptrs(0), [g.data_ptr() for g in grads], ptrs(2), ptrs(3), ptrs(4), ptrs(5), ptrs(6),
+                                  ptrs(7), ns, codes, flag, kernel_table(params[0].device).data_ptr(),
+                                  lr, beta1, beta2, eps, weight_decay, threads)
+        else:
+            threads = max(1, min(torch.get_num_threads(), sum(ns) // _CPU_GRAIN))
+            m.adamw32bit_steps_cpu(ptrs(0), [g.data_ptr() for g in grads], ptrs(2), ptrs(3), ptrs(4), ptrs(5), ns,
+                                   codes, flag, lr, beta1, beta2, eps, weight_decay, threads)

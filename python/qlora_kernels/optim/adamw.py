@@ -118,6 +118,10 @@ class _FusedAdamW(torch.optim.Optimizer):
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             lr, beta1, beta2, eps, wd = float(lr), float(beta1), float(beta2), float(eps), float(wd)
             _check_hyper(lr, (beta1, beta2), eps, wd)  # a scheduler or a user may have changed the group
+            # eager: every tensor of the group through _ops.adamw_steps (one native call per state width on
+            # the CPU); traced by torch.compile, or a tensor subclass: the qlora:: ops, one per tensor
+            eager = not torch.compiler.is_compiling()
+            batch8, batch32, copies = [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -134,14 +138,24 @@ class _FusedAdamW(torch.optim.Optimizer):
                     prefetch([t for t in self._state_tensors(state)
                               if t.untyped_storage().data_ptr() in self._managed_storages], p.device)
                 target = p if p.is_contiguous() else p.contiguous()
-                if "absmax1" in state:
-                    _ops.adamw8bit_step(target, p.grad, state["state1"], state["state2"], state["absmax1"],
-                                        state["absmax2"], state["step"], state["skipped"], lr, beta1, beta2, eps, wd)
-                else:
-                    _ops.adamw32bit_step(target, p.grad, state["state1"], state["state2"], state["step"],
-                                         state["skipped"], lr, beta1, beta2, eps, wd)
                 if target is not p:
-                    p.copy_(target)
+                    copies.append((p, target))
+                if "absmax1" in state:
+                    item = (target, p.grad, state["state1"], state["state2"], state["absmax1"], state["absmax2"],
+                            state["step"], state["skipped"])
+                else:
+                    item = (target, p.grad, state["state1"], state["state2"], state["step"], state["skipped"])
+                if eager and type(p.data) is torch.Tensor:
+                    (batch8 if len(item) == 8 else batch32).append(item)
+                elif len(item) == 8:
+                    _ops.adamw8bit_step(*item, lr, beta1, beta2, eps, wd)
+                else:
+                    _ops.adamw32bit_step(*item, lr, beta1, beta2, eps, wd)
+            for device in {item[0].device for item in chain(batch8, batch32)}:
+                _ops.adamw_steps([i for i in batch8 if i[0].device == device],
+                                 [i for i in batch32 if i[0].device == device], lr, beta1, beta2, eps, wd)
+            for p, target in copies:
+                p.copy_(target)
         return loss
 
     # ------------------------------------------------------------------------------------------ reports
