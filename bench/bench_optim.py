@@ -1,6 +1,6 @@
 """One optimizer step on a flat parameter of 1M / 16M / 64M elements, side by side in one run:
 
-    python -m bench.bench_optim [--device cpu|cuda] [--sizes 1,16,64] [--dtype float32] [--reps 10] [--out DIR]
+    python -m bench.bench_optim [--device cpu|cuda] [--sizes 1,16,64,16x256] [--dtype float32] [--reps 10] [--out DIR]
 
 Implementations (those that import and run here): qlora_kernels AdamW8bit (fused 8-bit kernel) and
 PagedAdamW (fused 32-bit kernel; on the CPU paging is off), torch.optim.AdamW foreach and fused,
@@ -8,7 +8,9 @@ bitsandbytes AdamW8bit, torchao AdamW8bit. Rows: median step ms with the p20-p80
 each step must move (param read+write, grad read, states read+write), % of the measured copy bandwidth,
 state bytes per parameter, x_floor (step time / the memory floor: the bytes each step must move at the best
 copy bandwidth measured in this run, bench.harness.copy_floor; the GPU target for the fused 8-bit step is
-<= 1.3), and qlora_kernels AdamW8bit's speedup over each row. --sizes takes fractions too (0.05 = 52K values).
+<= 1.3), and qlora_kernels AdamW8bit's speedup over each row. --sizes takes fractions too (0.05 = 52K values);
+SxK is S Mi values in K equal tensors (16x256: 256 tensors of 64K values, the LoRA matrices of r = 16 on
+4096-wide layers), where per-tensor overheads show.
 """
 
 from __future__ import annotations
@@ -72,29 +74,37 @@ def _impls(device):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", default="1,16,64", help="parameter counts in Mi elements (fractions allowed)")
+    ap.add_argument("--sizes", default="1,16,64,16x256",
+                    help="parameter counts in Mi elements (fractions allowed); SxK: in K equal tensors")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    sizes = [float(s) for s in args.sizes.split(",")]
+    sizes = []
+    for entry in args.sizes.split(","):
+        mi, _, k = entry.partition("x")
+        sizes.append((float(mi), int(k or 1)))
     # 256 MiB copies for the real sizes (as before); less for tiny smoke runs
-    copy_gbs = copy_ceiling_gbs(device, min(1 << 28, max(1 << 24, int(32 * max(sizes) * (1 << 20)))))
+    copy_gbs = copy_ceiling_gbs(device, min(1 << 28, max(1 << 24, int(32 * max(s for s, _ in sizes) * (1 << 20)))))
     rows = []
-    for mi in sizes:
+    for mi, k in sizes:
         n = int(mi * (1 << 20))
-        mi = f"{mi:g}"
+        mi = f"{mi:g}" + (f"x{k}" if k > 1 else "")
         torch.manual_seed(0)
         init = torch.randn(n, dtype=dtype, device=device)
         grad = torch.randn(n, dtype=dtype, device=device) * 1e-3
+        bounds = [n * i // k for i in range(k + 1)]
         case_rows = []
         for name, make in _impls(device).items():
-            p = torch.nn.Parameter(init.clone())
-            p.grad = grad.clone()
+            params = []
+            for a, b in zip(bounds, bounds[1:]):
+                p = torch.nn.Parameter(init[a:b].clone())
+                p.grad = grad[a:b].clone()
+                params.append(p)
             try:
-                opt = make([p])
+                opt = make(params)
                 opt.step()  # creates the states
             except Exception as exc:  # noqa: BLE001
                 print(f"  {name} at {mi}M: does not run here ({type(exc).__name__}: {exc})")
@@ -102,14 +112,14 @@ def main(argv=None) -> None:
             reps = args.reps if n <= (16 << 20) else max(3, args.reps // 2)
             t = time_fn(opt.step, device, warmup=1, reps=reps)
             sb = _state_bytes(opt)
-            ps = p.element_size()
+            ps = params[0].element_size()
             moved = n * (3 * ps) + 2 * sb  # param r+w, grad r, states r+w
             row = {"case": f"{mi}M {args.dtype}", "impl": name, **t, "spread_ms": f"{t['p20_ms']:.1f}-{t['p80_ms']:.1f}",
                    "state_B/param": sb / n, "bytes": moved}
             case_rows.append(with_rates(row, nbytes=moved, copy_gbs=copy_gbs))
             print(f"  {row['case']:>14}  {name:<34} {t['median_ms']:9.1f} ms  ({row['spread_ms']})  "
                   f"{sb / n:.3f} state B/param", flush=True)
-            del opt, p
+            del opt, params
         ours = next((r for r in case_rows if r["impl"] == "qlora_kernels AdamW8bit"), None)
         # the memory floor of this size: a copy of the 8-bit step's byte count, best of 15, measured now
         floor = copy_floor(device, ours["bytes"] if ours else n * 16)

@@ -583,6 +583,10 @@ def test_bad_group_change_and_gradient_raise():
     p.grad = torch.zeros(10, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="does not match"):
         opt.step()
+    q = torch.nn.Parameter(torch.zeros(10, dtype=torch.float64))
+    q.grad = torch.zeros(10, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16 .* got torch.float64"):
+        optim.AdamW8bit([q]).step()
 
 
 @needs_native

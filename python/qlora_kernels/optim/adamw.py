@@ -29,6 +29,7 @@ from .. import _ops
 from ._format import MIN_8BIT_SIZE, num_state_blocks
 from .paged import managed_zeros, paging_available, prefetch
 
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "step", "skipped")
 
 
@@ -127,9 +128,13 @@ class _FusedAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("qlora_kernels.optim does not support sparse gradients")
-                if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+                if p.dtype not in _PARAM_DTYPES:
+                    raise TypeError(f"parameters must be float32, float16 or bfloat16 for {type(self).__name__}, "
+                                    f"got {p.dtype} {tuple(p.shape)}")
+                if p.grad.dtype != p.dtype or p.grad.shape != p.shape or p.grad.device != p.device:
                     raise RuntimeError(
-                        f"gradient {p.grad.dtype} {tuple(p.grad.shape)} does not match parameter {p.dtype} {tuple(p.shape)}"
+                        f"gradient {p.grad.dtype} {tuple(p.grad.shape)} on {p.grad.device} does not match parameter "
+                        f"{p.dtype} {tuple(p.shape)} on {p.device}"
                     )
                 state = self.state[p]
                 if not state:
@@ -153,7 +158,8 @@ class _FusedAdamW(torch.optim.Optimizer):
                     _ops.adamw32bit_step(*item, lr, beta1, beta2, eps, wd)
             for device in {item[0].device for item in chain(batch8, batch32)}:
                 _ops.adamw_steps([i for i in batch8 if i[0].device == device],
-                                 [i for i in batch32 if i[0].device == device], lr, beta1, beta2, eps, wd)
+                                 [i for i in batch32 if i[0].device == device], lr, beta1, beta2, eps, wd,
+                                 validate=False)  # states built here, gradients checked above
             for p, target in copies:
                 p.copy_(target)
         return loss
