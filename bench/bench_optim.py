@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     rows = []
     for mi, k in sizes:
         n = int(mi * (1 << 20))
-        mi = f"{mi:g}" + (f"x{k}" if k > 1 else "")
+        mi = f"{mi:g}M" + (f" in {k}" if k > 1 else "")
         torch.manual_seed(0)
         init = torch.randn(n, dtype=dtype, device=device)
         grad = torch.randn(n, dtype=dtype, device=device) * 1e-3
@@ -107,14 +107,14 @@ def main(argv=None) -> None:
                 opt = make(params)
                 opt.step()  # creates the states
             except Exception as exc:  # noqa: BLE001
-                print(f"  {name} at {mi}M: does not run here ({type(exc).__name__}: {exc})")
+                print(f"  {name} at {mi}: does not run here ({type(exc).__name__}: {exc})")
                 continue
             reps = args.reps if n <= (16 << 20) else max(3, args.reps // 2)
             t = time_fn(opt.step, device, warmup=1, reps=reps)
             sb = _state_bytes(opt)
             ps = params[0].element_size()
             moved = n * (3 * ps) + 2 * sb  # param r+w, grad r, states r+w
-            row = {"case": f"{mi}M {args.dtype}", "impl": name, **t, "spread_ms": f"{t['p20_ms']:.1f}-{t['p80_ms']:.1f}",
+            row = {"case": f"{mi} {args.dtype}", "impl": name, **t, "spread_ms": f"{t['p20_ms']:.1f}-{t['p80_ms']:.1f}",
                    "state_B/param": sb / n, "bytes": moved}
             case_rows.append(with_rates(row, nbytes=moved, copy_gbs=copy_gbs))
             print(f"  {row['case']:>14}  {name:<34} {t['median_ms']:9.1f} ms  ({row['spread_ms']})  "

@@ -849,10 +849,13 @@ def test_bench_optim_runs_and_reports_the_memory_floor(tmp_path, capsys):
     """bench/bench_optim.py end to end at a tiny size on the CPU: the code bench/gpu_check.sh runs on a GPU
     (there with --device cuda), its JSON rows and the memory-floor figure the GPU target is judged by."""
     bench_optim = pytest.importorskip("bench.bench_optim", reason="source tree (bench/) not importable")
-    bench_optim.main(["--device", "cpu", "--sizes", "0.02", "--reps", "2", "--out", str(tmp_path)])
+    bench_optim.main(["--device", "cpu", "--sizes", "0.02,0.02x3", "--reps", "2", "--out", str(tmp_path)])
     data = json.loads(next(tmp_path.glob("optim-*.json")).read_text())
-    rows = {r["impl"]: r for r in data["rows"]}
+    assert {r["case"] for r in data["rows"]} == {"0.02M float32", "0.02M in 3 float32"}
+    rows = {r["impl"]: r for r in data["rows"] if r["case"] == "0.02M float32"}
     ours = rows["qlora_kernels AdamW8bit"]
+    split = next(r for r in data["rows"] if r["case"] == "0.02M in 3 float32" and r["impl"] == ours["impl"])
+    assert split["state_B/param"] > ours["state_B/param"]  # three tensors, three ragged last blocks
     assert ours["state_B/param"] < 2.05 and ours["speedup"] == 1.0
     assert ours["bytes"] == int(0.02 * 2**20) * 12 + 2 * ours["state_B/param"] * int(0.02 * 2**20)
     assert all(r["x_floor"] > 0 and r["floor_ms"] > 0 for r in rows.values())
