@@ -491,7 +491,10 @@ _optim_flags: dict = {}
 def _optim_flag(device: torch.device) -> Tensor:
     """The kernels' int32 scratch flag on `device` (0 between calls; calls are stream-ordered)."""
     if device not in _optim_flags:
-        _optim_flags[device] = torch.zeros((), dtype=torch.int32, device=device)
+        # a process-wide scratch: made outside any dispatch mode (a fake mode must not supply it; a memory
+        # tracker around the first step must not count it as that step's)
+        with torch.utils._python_dispatch._disable_current_modes():
+            _optim_flags[device] = torch.zeros((), dtype=torch.int32, device=device)
     return _optim_flags[device]
 
 

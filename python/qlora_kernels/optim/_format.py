@@ -96,7 +96,8 @@ def kernel_table(device) -> torch.Tensor:
     """KERNEL_TABLE on `device`, copied once per device (the kernels read it through a raw pointer)."""
     key = torch.device(device)
     if key not in _device_tables:
-        _device_tables[key] = KERNEL_TABLE.to(key)
+        with torch.utils._python_dispatch._disable_current_modes():  # as _ops._optim_flag
+            _device_tables[key] = KERNEL_TABLE.to(key)
     return _device_tables[key]
 
 
