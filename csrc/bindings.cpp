@@ -148,6 +148,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("exp_avg_ptr"), py::arg("exp_avg_sq_ptr"), py::arg("step_ptr"), py::arg("skipped_ptr"),
         py::arg("flag_ptr"), py::arg("n"), py::arg("dtype_code"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("stream"));
+  m.def("adamw8bit_steps_cuda", &qk::adamw8bit_steps_cuda, nogil, py::arg("param_ptrs"), py::arg("grad_ptrs"),
+        py::arg("state1_ptrs"), py::arg("state2_ptrs"), py::arg("absmax1_ptrs"), py::arg("absmax2_ptrs"),
+        py::arg("step_ptrs"), py::arg("skipped_ptrs"), py::arg("ns"), py::arg("dtype_codes"), py::arg("flag_ptr"),
+        py::arg("table_ptr"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("stream"));
+  m.def("adamw32bit_steps_cuda", &qk::adamw32bit_steps_cuda, nogil, py::arg("param_ptrs"), py::arg("grad_ptrs"),
+        py::arg("exp_avg_ptrs"), py::arg("exp_avg_sq_ptrs"), py::arg("step_ptrs"), py::arg("skipped_ptrs"),
+        py::arg("ns"), py::arg("dtype_codes"), py::arg("flag_ptr"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("eps"), py::arg("weight_decay"), py::arg("stream"));
   m.def("managed_capsule", &qk::managed_capsule, py::arg("nbytes"), py::arg("device"),
         "A DLPack capsule of a zero-filled 1-D uint8 tensor of nbytes: CUDA managed memory on `device`, or host "
         "memory for device < 0. torch.from_dlpack takes ownership; the memory is freed with the last tensor.");

@@ -38,6 +38,7 @@
 #include <vector>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "cpu_threads.h"
 #include "nf4_kernels.h"
@@ -569,14 +570,6 @@ std::vector<char> reject_bad_grads(const std::vector<uintptr_t>& grad, const std
   return rejected;
 }
 
-// Every per-tensor list has one entry per tensor.
-void check_lists(size_t T, std::initializer_list<std::pair<size_t, const char*>> lists) {
-  for (const auto& [size, name] : lists)
-    if (size != T)
-      throw std::invalid_argument(std::string(name) + " has " + std::to_string(size) + " entries; expected one per tensor (" +
-                                  std::to_string(T) + ")");
-}
-
 }  // namespace
 
 void check_adamw8bit_args(uintptr_t param, uintptr_t grad, uintptr_t state1, uintptr_t state2, uintptr_t absmax1,
@@ -598,6 +591,43 @@ void check_adamw32bit_args(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, u
   check_ptr(exp_avg_sq, n, "exp_avg_sq");
 }
 
+namespace {
+void check_lists(size_t T, std::initializer_list<std::pair<size_t, const char*>> lists) {
+  for (const auto& [size, name] : lists)
+    if (size != T)
+      throw std::invalid_argument(std::string(name) + " has " + std::to_string(size) + " entries; expected one per tensor (" +
+                                  std::to_string(T) + ")");
+}
+}  // namespace
+
+void check_adamw8bit_lists(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
+                           const std::vector<uintptr_t>& state1, const std::vector<uintptr_t>& state2,
+                           const std::vector<uintptr_t>& absmax1, const std::vector<uintptr_t>& absmax2,
+                           const std::vector<uintptr_t>& step, const std::vector<uintptr_t>& skipped,
+                           const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag,
+                           uintptr_t table, double lr, double beta1, double beta2, double eps, double wd) {
+  const size_t T = param.size();
+  check_lists(T, {{grad.size(), "grad"}, {state1.size(), "state1"}, {state2.size(), "state2"},
+                  {absmax1.size(), "absmax1"}, {absmax2.size(), "absmax2"}, {step.size(), "step"},
+                  {skipped.size(), "skipped"}, {n.size(), "n"}, {dtype.size(), "dtype"}});
+  for (size_t t = 0; t < T; ++t)
+    check_adamw8bit_args(param[t], grad[t], state1[t], state2[t], absmax1[t], absmax2[t], step[t], skipped[t], flag,
+                         table, n[t], dtype[t], lr, beta1, beta2, eps, wd);
+}
+
+void check_adamw32bit_lists(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
+                            const std::vector<uintptr_t>& exp_avg, const std::vector<uintptr_t>& exp_avg_sq,
+                            const std::vector<uintptr_t>& step, const std::vector<uintptr_t>& skipped,
+                            const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag,
+                            double lr, double beta1, double beta2, double eps, double wd) {
+  const size_t T = param.size();
+  check_lists(T, {{grad.size(), "grad"}, {exp_avg.size(), "exp_avg"}, {exp_avg_sq.size(), "exp_avg_sq"},
+                  {step.size(), "step"}, {skipped.size(), "skipped"}, {n.size(), "n"}, {dtype.size(), "dtype"}});
+  for (size_t t = 0; t < T; ++t)
+    check_adamw32bit_args(param[t], grad[t], exp_avg[t], exp_avg_sq[t], step[t], skipped[t], flag, n[t], dtype[t],
+                          lr, beta1, beta2, eps, wd);
+}
+
 void adamw8bit_steps_cpu(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
                          const std::vector<uintptr_t>& state1, const std::vector<uintptr_t>& state2,
                          const std::vector<uintptr_t>& absmax1, const std::vector<uintptr_t>& absmax2,
@@ -605,13 +635,9 @@ void adamw8bit_steps_cpu(const std::vector<uintptr_t>& param, const std::vector<
                          const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag,
                          uintptr_t table, double lr, double beta1, double beta2, double eps, double weight_decay,
                          int64_t num_threads) {
+  check_adamw8bit_lists(param, grad, state1, state2, absmax1, absmax2, step, skipped, n, dtype, flag, table, lr, beta1,
+                        beta2, eps, weight_decay);
   const size_t T = param.size();
-  check_lists(T, {{grad.size(), "grad"}, {state1.size(), "state1"}, {state2.size(), "state2"},
-                  {absmax1.size(), "absmax1"}, {absmax2.size(), "absmax2"}, {step.size(), "step"},
-                  {skipped.size(), "skipped"}, {n.size(), "n"}, {dtype.size(), "dtype"}});
-  for (size_t t = 0; t < T; ++t)
-    check_adamw8bit_args(param[t], grad[t], state1[t], state2[t], absmax1[t], absmax2[t], step[t], skipped[t], flag,
-                         table, n[t], dtype[t], lr, beta1, beta2, eps, weight_decay);
   const int isa = opt_isa();
   const std::vector<char> rejected = reject_bad_grads(grad, n, dtype, skipped, num_threads, isa);
   const int32_t* tab = reinterpret_cast<const int32_t*>(table);
@@ -651,12 +677,9 @@ void adamw32bit_steps_cpu(const std::vector<uintptr_t>& param, const std::vector
                           const std::vector<uintptr_t>& step, const std::vector<uintptr_t>& skipped,
                           const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag, double lr,
                           double beta1, double beta2, double eps, double weight_decay, int64_t num_threads) {
+  check_adamw32bit_lists(param, grad, exp_avg, exp_avg_sq, step, skipped, n, dtype, flag, lr, beta1, beta2, eps,
+                         weight_decay);
   const size_t T = param.size();
-  check_lists(T, {{grad.size(), "grad"}, {exp_avg.size(), "exp_avg"}, {exp_avg_sq.size(), "exp_avg_sq"},
-                  {step.size(), "step"}, {skipped.size(), "skipped"}, {n.size(), "n"}, {dtype.size(), "dtype"}});
-  for (size_t t = 0; t < T; ++t)
-    check_adamw32bit_args(param[t], grad[t], exp_avg[t], exp_avg_sq[t], step[t], skipped[t], flag, n[t], dtype[t],
-                          lr, beta1, beta2, eps, weight_decay);
   const int isa = opt_isa();
   const std::vector<char> rejected = reject_bad_grads(grad, n, dtype, skipped, num_threads, isa);
   std::vector<Step32> args(T);

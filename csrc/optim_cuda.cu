@@ -299,4 +299,30 @@ void adamw32bit_step_cuda(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, ui
   });
 }
 
+void adamw8bit_steps_cuda(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
+                          const std::vector<uintptr_t>& state1, const std::vector<uintptr_t>& state2,
+                          const std::vector<uintptr_t>& absmax1, const std::vector<uintptr_t>& absmax2,
+                          const std::vector<uintptr_t>& step, const std::vector<uintptr_t>& skipped,
+                          const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag,
+                          uintptr_t table, double lr, double beta1, double beta2, double eps, double weight_decay,
+                          uintptr_t stream) {
+  check_adamw8bit_lists(param, grad, state1, state2, absmax1, absmax2, step, skipped, n, dtype, flag, table, lr, beta1,
+                        beta2, eps, weight_decay);
+  for (size_t t = 0; t < param.size(); ++t)
+    adamw8bit_step_cuda(param[t], grad[t], state1[t], state2[t], absmax1[t], absmax2[t], step[t], skipped[t], flag,
+                        table, n[t], dtype[t], lr, beta1, beta2, eps, weight_decay, stream);
+}
+
+void adamw32bit_steps_cuda(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
+                           const std::vector<uintptr_t>& exp_avg, const std::vector<uintptr_t>& exp_avg_sq,
+                           const std::vector<uintptr_t>& step, const std::vector<uintptr_t>& skipped,
+                           const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag, double lr,
+                           double beta1, double beta2, double eps, double weight_decay, uintptr_t stream) {
+  check_adamw32bit_lists(param, grad, exp_avg, exp_avg_sq, step, skipped, n, dtype, flag, lr, beta1, beta2, eps,
+                         weight_decay);
+  for (size_t t = 0; t < param.size(); ++t)
+    adamw32bit_step_cuda(param[t], grad[t], exp_avg[t], exp_avg_sq[t], step[t], skipped[t], flag, n[t], dtype[t], lr,
+                         beta1, beta2, eps, weight_decay, stream);
+}
+
 }  // namespace qk

@@ -20,6 +20,20 @@ void check_adamw32bit_args(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, u
                            uintptr_t skipped, uintptr_t flag, int64_t n, int64_t dtype, double lr, double beta1,
                            double beta2, double eps, double wd);
 
+// The list form of the checks (the *_steps entry points): every list has one entry per tensor, and every
+// tensor's arguments pass the check above; all are checked before any tensor is touched.
+void check_adamw8bit_lists(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
+                           const std::vector<uintptr_t>& state1, const std::vector<uintptr_t>& state2,
+                           const std::vector<uintptr_t>& absmax1, const std::vector<uintptr_t>& absmax2,
+                           const std::vector<uintptr_t>& step, const std::vector<uintptr_t>& skipped,
+                           const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag,
+                           uintptr_t table, double lr, double beta1, double beta2, double eps, double wd);
+void check_adamw32bit_lists(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
+                            const std::vector<uintptr_t>& exp_avg, const std::vector<uintptr_t>& exp_avg_sq,
+                            const std::vector<uintptr_t>& step, const std::vector<uintptr_t>& skipped,
+                            const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag,
+                            double lr, double beta1, double beta2, double eps, double wd);
+
 // ---- CPU (optim_cpu.cpp); last argument: number of worker threads -------------------------------------------
 // 8-bit states: state1/state2 uint8 codes [n] (signed / unsigned dynamic map), absmax1/absmax2 float32
 // [ceil(n / 256)], table: int32 [2 * kTableStride] (python/qlora_kernels/optim/_format.py KERNEL_TABLE).
@@ -56,6 +70,21 @@ void adamw8bit_step_cuda(uintptr_t param, uintptr_t grad, uintptr_t state1, uint
 void adamw32bit_step_cuda(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t step,
                           uintptr_t skipped, uintptr_t flag, int64_t n, int64_t dtype, double lr, double beta1,
                           double beta2, double eps, double weight_decay, uintptr_t stream);
+
+// Many tensors in one call: the single-tensor launches above, tensor after tensor on `stream` (one crossing
+// from Python instead of one per tensor); all tensors are checked before the first launch.
+void adamw8bit_steps_cuda(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
+                          const std::vector<uintptr_t>& state1, const std::vector<uintptr_t>& state2,
+                          const std::vector<uintptr_t>& absmax1, const std::vector<uintptr_t>& absmax2,
+                          const std::vector<uintptr_t>& step, const std::vector<uintptr_t>& skipped,
+                          const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag,
+                          uintptr_t table, double lr, double beta1, double beta2, double eps, double weight_decay,
+                          uintptr_t stream);
+void adamw32bit_steps_cuda(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
+                           const std::vector<uintptr_t>& exp_avg, const std::vector<uintptr_t>& exp_avg_sq,
+                           const std::vector<uintptr_t>& step, const std::vector<uintptr_t>& skipped,
+                           const std::vector<int64_t>& n, const std::vector<int64_t>& dtype, uintptr_t flag, double lr,
+                           double beta1, double beta2, double eps, double weight_decay, uintptr_t stream);
 
 // ---- CUDA managed memory (managed_memory_cuda.cu, or the stub); never called on a CPU-only build ------------
 uintptr_t cuda_managed_alloc(int64_t nbytes, int device);  // zero-filled; throws on failure

@@ -447,6 +447,11 @@ def test_eager_path_checks_what_the_ops_check():
     with pytest.raises(ValueError, match="grad has 0 entries"):
         C.adamw32bit_steps_cpu([p.data_ptr()], [], [p.data_ptr()], [p.data_ptr()], [p.data_ptr()], [p.data_ptr()],
                                [8], [0], p.data_ptr(), 1e-3, 0.9, 0.9, 1e-8, 0.0, 1)
+    # the CUDA list entry checks every list before its first launch (a CPU-only build says it lacks CUDA)
+    with pytest.raises(ValueError if C.has_cuda() else RuntimeError,
+                       match="skipped has 2 entries" if C.has_cuda() else "without CUDA"):
+        C.adamw32bit_steps_cuda([p.data_ptr()], [p.data_ptr()], [p.data_ptr()], [p.data_ptr()], [p.data_ptr()],
+                                [p.data_ptr()] * 2, [8], [0], p.data_ptr(), 1e-3, 0.9, 0.9, 1e-8, 0.0, 0)
 
 
 # ------------------------------------------------------------------------------------------------ optimizer

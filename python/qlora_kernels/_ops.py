@@ -594,14 +594,14 @@ def adamw_steps(steps8: list, steps32: list, lr: float, beta1: float, beta2: flo
                 weight_decay: float, *, validate: bool = True) -> None:
     """The optimizers' eager path: the same work as qlora::adamw8bit_step / qlora::adamw32bit_step on each
     tensor, without the dispatcher (torch.library's Python custom-op dispatch costs ~0.2-0.3 ms per call, more
-    than a 64K-element step, and a LoRA model has hundreds of tensors). On the CPU with the native kernels, all
-    tensors of a state width go in ONE call (csrc adamw*_steps_cpu: one thread team over all their work).
+    than a 64K-element step, and a LoRA model has hundreds of tensors). With the native kernels all tensors of a
+    state width go in ONE call: on the CPU one thread team over all their work (adamw*_steps_cpu), on CUDA the
+    per-tensor launches back to back on the current stream (adamw*_steps_cuda).
     steps8: (param, grad, state1, state2, absmax1, absmax2, step, skipped) tuples; steps32: (param, grad,
     exp_avg, exp_avg_sq, step, skipped); one device per call. validate: check every tensor as the ops' fakes do
     (~15 us a tensor); the optimizers pass False: they build the states themselves and check each gradient."""
     from .optim._format import kernel_table
 
-    cpu_native = lambda t: t.device.type == "cpu" and use_native(t.device)  # noqa: E731
     for items, impl, check in ((steps8, _adamw8bit_step_impl, _check_step8),
                                (steps32, _adamw32bit_step_impl, _check_step32)):
         if validate:
@@ -609,23 +609,21 @@ def adamw_steps(steps8: list, steps32: list, lr: float, beta1: float, beta2: flo
                 check(*item, check=_raise_unless)
         if not items:
             continue
-        if not cpu_native(items[0][0]):
+        device = items[0][0].device
+        if not use_native(device):
             for item in items:
                 impl(*item, lr, beta1, beta2, eps, weight_decay)
             continue
         grads = [item[1].contiguous() for item in items]  # alive until the call returns
-        params = [item[0] for item in items]
         ptrs = lambda k: [item[k].data_ptr() for item in items]  # noqa: E731
-        ns = [p.numel() for p in params]
-        codes = [DTYPE_CODES[p.dtype] for p in params]
-        flag = _optim_flag(params[0].device).data_ptr()
-        m = native_module()
+        ns = [item[0].numel() for item in items]
+        codes = [DTYPE_CODES[item[0].dtype] for item in items]
+        flag = _optim_flag(device).data_ptr()
         if items is steps8:
-            threads = max(1, min(torch.get_num_threads(), sum(ns) // _OPTIM_GRAIN))
-            m.adamw8bit_steps_cpu(ptrs(0), [g.data_ptr() for g in grads], ptrs(2), ptrs(3), ptrs(4), ptrs(5), ptrs(6),
-                                  ptrs(7), ns, codes, flag, kernel_table(params[0].device).data_ptr(),
-                                  lr, beta1, beta2, eps, weight_decay, threads)
+            _native("adamw8bit_steps", device, sum(ns), _OPTIM_GRAIN)(
+                ptrs(0), [g.data_ptr() for g in grads], ptrs(2), ptrs(3), ptrs(4), ptrs(5), ptrs(6), ptrs(7), ns, codes,
+                flag, kernel_table(device).data_ptr(), lr, beta1, beta2, eps, weight_decay)
         else:
-            threads = max(1, min(torch.get_num_threads(), sum(ns) // _CPU_GRAIN))
-            m.adamw32bit_steps_cpu(ptrs(0), [g.data_ptr() for g in grads], ptrs(2), ptrs(3), ptrs(4), ptrs(5), ns,
-                                   codes, flag, lr, beta1, beta2, eps, weight_decay, threads)
+            _native("adamw32bit_steps", device, sum(ns))(
+                ptrs(0), [g.data_ptr() for g in grads], ptrs(2), ptrs(3), ptrs(4), ptrs(5), ns, codes, flag,
+                lr, beta1, beta2, eps, weight_decay)
