@@ -76,7 +76,7 @@ step gpu-tests 150 "$PY" -m pytest -m gpu tests -q -x -p no:cacheprovider -o add
 # 3. benchmarks (those present). The optimizer bench writes outside $OUT (8 files at most come back); the
 # summary below reads it from there.
 OPTIM_DIR="$(mktemp -d)"
-[[ -f bench/bench_optim.py ]] && step bench_optim 45 "$PY" -m bench.bench_optim --device cuda --sizes 16,64 --reps 5 --out "$OPTIM_DIR"
+[[ -f bench/bench_optim.py ]] && step bench_optim 45 "$PY" -m bench.bench_optim --device cuda --sizes 16,16x256,64 --reps 5 --out "$OPTIM_DIR"
 [[ -f bench/bench_quant.py ]] && step bench_quant 60 "$PY" -m bench.bench_quant --out "$OUT" --skip-slow-reference
 [[ -f bench/bench_linear.py ]] && step bench_linear 170 "$PY" -m bench.bench_linear --out "$OUT" --budget-s 120
 [[ -f bench/bench_layer.py ]] && step bench_layer 70 "$PY" -m bench.bench_layer --out "$OUT" --no-model

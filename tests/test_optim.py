@@ -824,6 +824,32 @@ def test_cuda_kernel_matches_cpu(dtype, n, offset):
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("cls", [optim.AdamW8bit, optim.PagedAdamW8bit])
+def test_cuda_group_in_one_call_matches_cpu(cls):
+    """A group of mixed tensors (sizes, dtypes, both state widths, one inf gradient) stepped on the GPU through
+    adamw*_steps_cuda equals the CPU's one-call step bit for bit."""
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(n).to(DTYPES[i % 3]).to(device)) for i, n in enumerate(MANY_SIZES)]
+        opt = cls(ps, lr=1e-2, weight_decay=0.1, min_8bit_size=256)
+        for s in range(3):
+            for i, p in enumerate(ps):
+                g = wide_grad(p.numel(), p.dtype, seed=10 * s + i)
+                if s == 1 and i == 6:
+                    g[p.numel() // 3] = float("inf")
+                p.grad = g.to(device)
+            opt.step()
+        results.append((ps, opt))
+    (pc, oc), (pg, og) = results
+    for i, (a, b) in enumerate(zip(pc, pg)):
+        assert_same(b.detach().cpu(), a.detach(), f"tensor {i} param")
+        for k in oc.state[a]:
+            assert_same(og.state[b][k].cpu(), oc.state[a][k], f"tensor {i} {k}")
+
+
+@gpu
+@needs_gpu
 def test_paged_states_live_in_managed_memory():
     from qlora_kernels.optim.paged import pointer_type
 
