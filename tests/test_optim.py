@@ -428,6 +428,32 @@ def test_many_tensors_in_one_call_match_the_reference(isa, monkeypatch):
     assert int(on.state[pn[6]]["step"]) == 2 and int(on.state[pn[7]]["step"]) == 3
 
 
+def test_compiled_step_takes_the_ops_and_matches_eager(monkeypatch):
+    """torch.compile(opt.step) traces the per-tensor qlora:: ops (the eager path's direct native call is not
+    traceable) and lands on the eager path's bits: both state widths, three steps."""
+    from qlora_kernels import _ops
+
+    calls = []
+    eager_steps = _ops.adamw_steps
+    monkeypatch.setattr(_ops, "adamw_steps", lambda *a, **k: (calls.append(1), eager_steps(*a, **k)))
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(300).bfloat16())]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    eager, compiled = optim.AdamW8bit(ps, lr=1e-2), optim.AdamW8bit(qs, lr=1e-2)
+    step = torch.compile(compiled.step, backend="aot_eager", fullgraph=False)
+    for s in range(3):
+        for i, (p, q) in enumerate(zip(ps, qs)):
+            p.grad = wide_grad(p.numel(), p.dtype, seed=7 * s + i)
+            q.grad = p.grad.clone()
+        eager.step()
+        step()
+    assert len(calls) == 3, "the compiled step went through the eager path"
+    for i, (p, q) in enumerate(zip(ps, qs)):
+        assert_same(q.detach(), p.detach(), f"tensor {i} param")
+        for k in eager.state[p]:
+            assert_same(compiled.state[q][k], eager.state[p][k], f"tensor {i} {k}")
+
+
 @needs_native
 def test_eager_path_checks_what_the_ops_check():
     from qlora_kernels import _ops
