@@ -570,6 +570,19 @@ std::vector<char> reject_bad_grads(const std::vector<uintptr_t>& grad, const std
   return rejected;
 }
 
+// After the scan: fn(tensor, first, end) over every tensor's work units laid end to end, on the thread team
+// (rejected tensors get none), then step += 1 on every tensor that was not skipped.
+template <class F>
+void run_steps(const std::vector<char>& rejected, std::vector<int64_t> units, int64_t grain, int64_t num_threads,
+               const std::vector<uintptr_t>& step, F&& fn) {
+  for (size_t t = 0; t < units.size(); ++t)
+    if (rejected[t]) units[t] = 0;
+  const Work work(units);
+  parallel_for(work.total(), num_threads, grain, [&](int64_t u0, int64_t u1) { work.pieces(u0, u1, fn); });
+  for (size_t t = 0; t < step.size(); ++t)
+    if (!rejected[t]) *reinterpret_cast<int64_t*>(step[t]) += 1;
+}
+
 }  // namespace
 
 void check_adamw8bit_args(uintptr_t param, uintptr_t grad, uintptr_t state1, uintptr_t state2, uintptr_t absmax1,
@@ -647,7 +660,7 @@ void adamw8bit_steps_cpu(const std::vector<uintptr_t>& param, const std::vector<
   const int32_t* qt = nullptr;
 #endif
   std::vector<Step8> args(T);
-  std::vector<int64_t> blocks(T, 0);
+  std::vector<int64_t> blocks(T);
   for (size_t t = 0; t < T; ++t) {
     Step8& a = args[t];
     a.p = reinterpret_cast<void*>(param[t]);
@@ -660,16 +673,11 @@ void adamw8bit_steps_cpu(const std::vector<uintptr_t>& param, const std::vector<
     a.qt = qt;
     a.n = n[t];
     a.s = adam_scalars(*reinterpret_cast<int64_t*>(step[t]) + 1, lr, beta1, beta2, eps, weight_decay);
-    blocks[t] = rejected[t] ? 0 : (n[t] + kOptBlock - 1) / kOptBlock;
+    blocks[t] = (n[t] + kOptBlock - 1) / kOptBlock;
   }
-  const Work work(blocks);
-  parallel_for(work.total(), num_threads, kGrainElems / kOptBlock, [&](int64_t u0, int64_t u1) {
-    work.pieces(u0, u1, [&](size_t t, int64_t b0, int64_t b1) {
-      by_dtype(dtype[t], [&](auto dt) { step8_dispatch<decltype(dt)::value>(args[t], b0, b1, isa); });
-    });
+  run_steps(rejected, blocks, kGrainElems / kOptBlock, num_threads, step, [&](size_t t, int64_t b0, int64_t b1) {
+    by_dtype(dtype[t], [&](auto dt) { step8_dispatch<decltype(dt)::value>(args[t], b0, b1, isa); });
   });
-  for (size_t t = 0; t < T; ++t)
-    if (!rejected[t]) *reinterpret_cast<int64_t*>(step[t]) += 1;
 }
 
 void adamw32bit_steps_cpu(const std::vector<uintptr_t>& param, const std::vector<uintptr_t>& grad,
@@ -683,7 +691,6 @@ void adamw32bit_steps_cpu(const std::vector<uintptr_t>& param, const std::vector
   const int isa = opt_isa();
   const std::vector<char> rejected = reject_bad_grads(grad, n, dtype, skipped, num_threads, isa);
   std::vector<Step32> args(T);
-  std::vector<int64_t> elems(T, 0);
   for (size_t t = 0; t < T; ++t) {
     Step32& a = args[t];
     a.p = reinterpret_cast<void*>(param[t]);
@@ -691,16 +698,10 @@ void adamw32bit_steps_cpu(const std::vector<uintptr_t>& param, const std::vector
     a.m = reinterpret_cast<float*>(exp_avg[t]);
     a.v = reinterpret_cast<float*>(exp_avg_sq[t]);
     a.s = adam_scalars(*reinterpret_cast<int64_t*>(step[t]) + 1, lr, beta1, beta2, eps, weight_decay);
-    elems[t] = rejected[t] ? 0 : n[t];
   }
-  const Work work(elems);
-  parallel_for(work.total(), num_threads, kGrainElems, [&](int64_t u0, int64_t u1) {
-    work.pieces(u0, u1, [&](size_t t, int64_t i0, int64_t i1) {
-      by_dtype(dtype[t], [&](auto dt) { step32_dispatch<decltype(dt)::value>(args[t], i0, i1, isa); });
-    });
+  run_steps(rejected, n, kGrainElems, num_threads, step, [&](size_t t, int64_t i0, int64_t i1) {
+    by_dtype(dtype[t], [&](auto dt) { step32_dispatch<decltype(dt)::value>(args[t], i0, i1, isa); });
   });
-  for (size_t t = 0; t < T; ++t)
-    if (!rejected[t]) *reinterpret_cast<int64_t*>(step[t]) += 1;
 }
 
 void adamw8bit_step_cpu(uintptr_t param, uintptr_t grad, uintptr_t state1, uintptr_t state2, uintptr_t absmax1,
