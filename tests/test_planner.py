@@ -174,3 +174,20 @@ def test_plan_command(tmp_path, capsys):
     assert main(["plan", "llama-8b"]) == 2
     fits = [line for line in out.splitlines() if "largest" in line]
     assert all(line.split(":")[-1].strip().isdigit() for line in fits), fits
+
+
+def test_plan_command_passes_foreach(monkeypatch):
+    """--foreach on/off/default reaches plan_memory as True/False/None (torch AdamW's implementation)."""
+    import qlora_kernels.planner as planner
+    from qlora_kernels.__main__ import main
+
+    seen = []
+
+    def fake_plan(*args, **kwargs):
+        seen.append(kwargs["foreach"])
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(planner, "plan_memory", fake_plan)
+    for flag, expected in (("on", True), ("off", False), ("default", None)):
+        assert main(["plan", "llama-7b", "--optimizer", "adamw_torch", "--foreach", flag]) == 2
+        assert seen[-1] is expected

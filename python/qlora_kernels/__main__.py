@@ -116,6 +116,9 @@ def _plan(rest) -> int:
     parser.add_argument("--adapter-dtype", default="float32", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--target-modules", default="all-linear", help="all-linear, or comma-separated names")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--foreach", default="default", choices=["default", "on", "off"],
+                        help="torch AdamW's multi-tensor implementation for torch's optimizer names (default: "
+                             "torch's own choice for --device, foreach on cuda)")
     args = parser.parse_args(rest)
     import torch
 
@@ -127,7 +130,8 @@ def _plan(rest) -> int:
                            optimizer=args.optimizer, gradient_checkpointing=not args.no_gradient_checkpointing,
                            compute_dtype=getattr(torch, args.dtype),
                            adapter_dtype=getattr(torch, args.adapter_dtype),
-                           device=args.device, device_memory=args.gpu)
+                           device=args.device, device_memory=args.gpu,
+                           foreach={"default": None, "on": True, "off": False}[args.foreach])
     except (ValueError, TypeError) as exc:
         print(f"plan: {exc}", file=sys.stderr)
         return 2
