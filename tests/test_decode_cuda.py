@@ -89,3 +89,33 @@ def test_decode_kernels_spill_nothing():
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     assert spills and all(s == ("0", "0") for s in spills), spills
     assert "nf4_decode_kernel" in text and "nf4_decode_reduce_kernel" in text
+
+
+def test_weight_and_lora_checks_name_the_tensor():
+    """The fused launchers' shared checks (qlora_kernels/_checks.py: the Triton launchers and this CUDA
+    launcher call them), on CPU tensors: each bad argument raises naming the tensor."""
+    from qlora_kernels._checks import check_weight, lora_pair
+
+    w = torch.randn(64, 256) * 0.02
+    p, a, n, o = qk.quantize_nf4(w, blocksize=64, double_quant=True).tensors()
+    cpu = torch.device("cpu")
+    check_weight(p, a, n, o, 64, 256, 64, cpu)  # fine
+    for args, exc, match in (
+        ((p[:-1], a, n, o), ValueError, "packed has"),
+        ((p, a[:-1], n, o), ValueError, "absmax has"),
+        ((p, a, n[:0], o), ValueError, "nested_absmax has 0"),
+        ((p.view(2, -1).t(), a, n, o), ValueError, "packed must be contiguous"),
+        ((p.view(torch.int8), a, n, o), TypeError, "packed must be uint8"),
+        ((p, a, n, None), TypeError, "double quantization"),
+        ((p, a.float(), None, None), TypeError, None),
+    ):
+        if match is None:
+            check_weight(*args, 64, 256, 64, cpu)  # float32 absmax without double quantization is fine
+            continue
+        with pytest.raises(exc, match=match):
+            check_weight(*args, 64, 256, 64, cpu)
+    u, b = torch.randn(3, 8), torch.randn(64, 8)
+    assert lora_pair(u, b, 3, 64, "lora_u", "lora_b")[2] == 8
+    for uu, bb, match in ((u, None, "together"), (u[0], b, r"lora_u must be \[3, r\]"), (u, b[:, :4], "lora_b must be")):
+        with pytest.raises(ValueError, match=match):
+            lora_pair(uu, bb, 3, 64, "lora_u", "lora_b")

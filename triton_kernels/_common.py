@@ -12,6 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._backend import triton_interpreting
+from .._checks import check_weight, lora_pair  # noqa: F401 (the launchers import them from here)
 from .._format import device_table
 from .configs import perm_k_supported
 
@@ -77,26 +78,6 @@ def weight_args(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
     return packed, absmax, nested, off, nf4, dmap
 
 
-def check_weight(packed, absmax, nested_absmax, offset, n_out, k_in, blocksize, device) -> None:
-    n = n_out * k_in
-    nb = (n + blocksize - 1) // blocksize
-    if packed.numel() < (n + 1) // 2:
-        raise ValueError(f"packed has {packed.numel()} bytes, needs {(n + 1) // 2} for [{n_out}, {k_in}]")
-    if absmax.numel() < nb:
-        raise ValueError(f"absmax has {absmax.numel()} entries, needs {nb}")
-    for name, t in (("packed", packed), ("absmax", absmax), ("nested_absmax", nested_absmax), ("offset", offset)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device}, activations on {device}")
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed must be uint8, got {packed.dtype}")
-    if nested_absmax is None and absmax.dtype != torch.float32:
-        raise TypeError(f"absmax must be float32 without double quantization, got {absmax.dtype}")
-    if nested_absmax is not None and (absmax.dtype != torch.uint8 or offset is None):
-        raise TypeError("double quantization needs uint8 absmax codes, nested_absmax and offset")
-
-
 def activation(x: Tensor, name: str, features: int) -> Tensor:
     """2-D activations; strided rows are passed as strides, a copy is made only when the last stride is not 1."""
     if x.dim() != 2:
@@ -108,20 +89,6 @@ def activation(x: Tensor, name: str, features: int) -> Tensor:
     if x.stride(1) != 1 and x.numel() > 0:
         x = x.contiguous()
     return x
-
-
-def lora_pair(u: Optional[Tensor], v: Optional[Tensor], rows: int, cols: int, u_name: str, v_name: str):
-    """(u [rows, r], v [cols, r] as a possibly transposed view, r); v is indexed [col, r] by the kernels."""
-    if (u is None) != (v is None):
-        raise ValueError(f"{u_name} and {v_name} must be given together")
-    if u is None:
-        return None, None, 0
-    r = u.shape[1]
-    if u.dim() != 2 or u.shape[0] != rows:
-        raise ValueError(f"{u_name} must be [{rows}, r], got {tuple(u.shape)}")
-    if v.dim() != 2 or v.shape != (cols, r):
-        raise ValueError(f"{v_name} must be [{cols}, {r}] (as indexed), got {tuple(v.shape)}")
-    return u, v, r
 
 
 @triton.jit

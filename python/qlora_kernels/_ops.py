@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
+from ._checks import check_weight, lora_pair
 from ._backend import linear_path, native_module, use_native
 from ._format import DTYPE_CODES, NESTED_BLOCKSIZE, all_finite, device_table, num_blocks, packed_numel
 
@@ -309,36 +310,21 @@ def nf4_decode_cuda(x, packed, absmax, nested_absmax, offset, out_features, in_f
         return None
     if x.shape[1] != K:
         raise ValueError(f"x has {x.shape[1]} features, weight expects {K}")
-    for name, t in (("packed", packed), ("absmax", absmax), ("nested_absmax", nested_absmax), ("offset", offset),
-                    ("lora_u", lora_u), ("lora_b", lora_b), ("bias", bias)):
+    check_weight(packed, absmax, nested_absmax, offset, N, K, int(blocksize), x.device)
+    lora_u, lora_b, r = lora_pair(lora_u, lora_b, M, N, "lora_u", "lora_b")
+    for name, t in (("lora_u", lora_u), ("lora_b", lora_b), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    if (nested_absmax is None) != (offset is None):
-        raise ValueError("nested_absmax and offset go together (double quantization)")
-    if packed.numel() < N * K // 2:
-        raise ValueError(f"packed has {packed.numel()} bytes, needs {N * K // 2} for [{N}, {K}]")
-    nb = N * K // int(blocksize)
-    if absmax.numel() < nb:
-        raise ValueError(f"absmax has {absmax.numel()} entries, needs {nb}")
-    if nested_absmax is not None and nested_absmax.numel() < (nb + NESTED_BLOCKSIZE - 1) // NESTED_BLOCKSIZE:
-        raise ValueError(f"nested_absmax has {nested_absmax.numel()} entries, needs {(nb + 255) // 256}")
-    r = 0
-    if (lora_u is None) != (lora_b is None):
-        raise ValueError("lora_u and lora_b go together")
-    if lora_u is not None:
-        r = lora_u.shape[-1]
-        if lora_u.shape != (M, r) or lora_b.shape != (N, r):
-            raise ValueError(f"lora_u must be [{M}, r] and lora_b [{N}, r], got {tuple(lora_u.shape)}, {tuple(lora_b.shape)}")
+    if r:
         lora_u, lora_b = lora_u.to(x.dtype), lora_b.to(x.dtype)
     if bias is not None:
         if bias.numel() != N:
             raise ValueError(f"bias has {bias.numel()} elements, needs {N}")
         bias = bias.reshape(-1).to(x.dtype).contiguous()
     x = x.contiguous()
-    packed = packed.reshape(-1).contiguous()
-    absmax = absmax.reshape(-1).contiguous()
+    packed, absmax = packed.reshape(-1), absmax.reshape(-1)  # contiguous (check_weight)
     if nested_absmax is not None:
-        nested_absmax, offset = nested_absmax.reshape(-1).contiguous(), offset.reshape(-1).contiguous()
+        nested_absmax, offset = nested_absmax.reshape(-1), offset.reshape(-1)
     if x.data_ptr() % 16 or packed.data_ptr() % 16:
         return None
     if split is None:
