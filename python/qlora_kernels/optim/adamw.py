@@ -48,6 +48,35 @@ def _check_hyper(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
 
 
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_type()
+
+
+def _local_param(p: torch.Tensor) -> torch.Tensor:
+    """The tensor the kernels update: the parameter, or a DTensor parameter's local shard (FSDP2). Each rank
+    then keeps states for its own shard only (8-bit blocks counted from the shard's first element)."""
+    return p.to_local() if _DTENSOR is not None and isinstance(p, _DTENSOR) else p
+
+
+def _local_grad(p: torch.Tensor) -> torch.Tensor:
+    """p.grad as _local_param(p) sees it: a DTensor parameter's gradient must be laid out like the parameter
+    (FSDP2 reduce-scatters it so); its local shard is then the shard's gradient."""
+    if _DTENSOR is None or not isinstance(p, _DTENSOR):
+        return p.grad
+    if not isinstance(p.grad, _DTENSOR) or p.grad.placements != p.placements or p.grad.shape != p.shape:
+        got = f"{type(p.grad).__name__} {getattr(p.grad, 'placements', '')} {tuple(p.grad.shape)}"
+        raise RuntimeError(f"a DTensor parameter {p.placements} {tuple(p.shape)} needs a gradient with the same "
+                           f"placements and shape, got {got}")
+    return p.grad.to_local()
+
+
 class _FusedAdamW(torch.optim.Optimizer):
     """Shared implementation; the public classes fix the state width and paging."""
 
@@ -131,26 +160,27 @@ class _FusedAdamW(torch.optim.Optimizer):
                 if p.dtype not in _PARAM_DTYPES:
                     raise TypeError(f"parameters must be float32, float16 or bfloat16 for {type(self).__name__}, "
                                     f"got {p.dtype} {tuple(p.shape)}")
-                if p.grad.dtype != p.dtype or p.grad.shape != p.shape or p.grad.device != p.device:
+                local, grad = _local_param(p), _local_grad(p)
+                if grad.dtype != local.dtype or grad.shape != local.shape or grad.device != local.device:
                     raise RuntimeError(
-                        f"gradient {p.grad.dtype} {tuple(p.grad.shape)} on {p.grad.device} does not match parameter "
-                        f"{p.dtype} {tuple(p.shape)} on {p.device}"
+                        f"gradient {grad.dtype} {tuple(grad.shape)} on {grad.device} does not match parameter "
+                        f"{local.dtype} {tuple(local.shape)} on {local.device}"
                     )
                 state = self.state[p]
                 if not state:
-                    state.update(self._new_state(p))
-                if self._managed_storages and p.device.type == "cuda":
+                    state.update(self._new_state(local))
+                if self._managed_storages and local.device.type == "cuda":
                     prefetch([t for t in self._state_tensors(state)
-                              if t.untyped_storage().data_ptr() in self._managed_storages], p.device)
-                target = p if p.is_contiguous() else p.contiguous()
-                if target is not p:
-                    copies.append((p, target))
+                              if t.untyped_storage().data_ptr() in self._managed_storages], local.device)
+                target = local if local.is_contiguous() else local.contiguous()
+                if target is not local:
+                    copies.append((local, target))
                 if "absmax1" in state:
-                    item = (target, p.grad, state["state1"], state["state2"], state["absmax1"], state["absmax2"],
+                    item = (target, grad, state["state1"], state["state2"], state["absmax1"], state["absmax2"],
                             state["step"], state["skipped"])
                 else:
-                    item = (target, p.grad, state["state1"], state["state2"], state["step"], state["skipped"])
-                if eager and type(p.data) is torch.Tensor:
+                    item = (target, grad, state["state1"], state["state2"], state["step"], state["skipped"])
+                if eager and type(local.data) is torch.Tensor:
                     (batch8 if len(item) == 8 else batch32).append(item)
                 elif len(item) == 8:
                     _ops.adamw8bit_step(*item, lr, beta1, beta2, eps, wd)
@@ -160,8 +190,8 @@ class _FusedAdamW(torch.optim.Optimizer):
                 _ops.adamw_steps([i for i in batch8 if i[0].device == device],
                                  [i for i in batch32 if i[0].device == device], lr, beta1, beta2, eps, wd,
                                  validate=False)  # states built here, gradients checked above
-            for p, target in copies:
-                p.copy_(target)
+            for local, target in copies:
+                local.copy_(target)
         return loss
 
     # ------------------------------------------------------------------------------------------ reports
@@ -196,7 +226,7 @@ class _FusedAdamW(torch.optim.Optimizer):
                 self.state[p] = self._restore_state(p, saved_state[old_id], old_id)
 
     def _restore_state(self, p: torch.Tensor, saved: dict, key) -> dict:
-        expected = self._new_state(p)
+        expected = self._new_state(_local_param(p))
         missing = [k for k in expected if k not in saved]
         if missing:
             raise ValueError(
