@@ -469,6 +469,9 @@ def test_eager_path_checks_what_the_ops_check():
         item[k] = bad
         with pytest.raises(RuntimeError, match=match):
             _ops.adamw_steps([tuple(item)], [], 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    meta = tuple(t.to("meta") for t in ok)
+    with pytest.raises(ValueError, match="one device per call"):
+        _ops.adamw_steps([tuple(ok), meta], [], 1e-3, 0.9, 0.999, 1e-8, 0.0)
     p = torch.zeros(8)
     with pytest.raises(ValueError, match="grad has 0 entries"):
         C.adamw32bit_steps_cpu([p.data_ptr()], [], [p.data_ptr()], [p.data_ptr()], [p.data_ptr()], [p.data_ptr()],
@@ -614,6 +617,12 @@ def test_bad_group_change_and_gradient_raise():
     p.grad = torch.zeros(10, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="does not match"):
         opt.step()
+    import warnings
+
+    with warnings.catch_warnings():  # torch itself warns about the duplicate first
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="more than once"):
+            optim.AdamW8bit([p, p])
     q = torch.nn.Parameter(torch.zeros(10, dtype=torch.float64))
     q.grad = torch.zeros(10, dtype=torch.float64)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16 .* got torch.float64"):

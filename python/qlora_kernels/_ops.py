@@ -596,6 +596,9 @@ def adamw_steps(steps8: list, steps32: list, lr: float, beta1: float, beta2: flo
         if not items:
             continue
         device = items[0][0].device
+        if any(item[0].device != device for item in items):
+            raise ValueError(f"adamw_steps takes the tensors of one device per call, got {device} and "
+                             f"{next(item[0].device for item in items if item[0].device != device)}")
         if not use_native(device):
             for item in items:
                 impl(*item, lr, beta1, beta2, eps, weight_decay)

@@ -106,6 +106,15 @@ class _FusedAdamW(torch.optim.Optimizer):
         self._managed_storages: set = set()  # data_ptr of every state storage allocated in managed memory
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, but a parameter listed twice in a group is an error (torch only warns): the
+        group's tensors go to one native call whose threads would update the same memory at once."""
+        super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        if len({id(p) for p in params}) != len(params):
+            self.param_groups.pop()
+            raise ValueError("a parameter appears more than once in a parameter group")
+
     # ------------------------------------------------------------------------------------------ states
     def _uses_8bit(self, p: torch.Tensor) -> bool:
         return self._optim_bits == 8 and p.numel() >= self.min_8bit_size
