@@ -2,8 +2,9 @@
 
     python -m bench.bench_optim [--device cpu|cuda] [--sizes 1,16,64,16x256] [--dtype float32] [--reps 10] [--out DIR]
 
-Implementations (those that import and run here): qlora_kernels AdamW8bit (fused 8-bit kernel) and
-PagedAdamW (fused 32-bit kernel; on the CPU paging is off), torch.optim.AdamW foreach and fused,
+Every implementation of a case is built first, then timed one step of each per round (on a CPU, whose
+speed may drift during a run; bench.harness.time_interleaved). Implementations (those that import and run
+here): qlora_kernels AdamW8bit (fused 8-bit kernel) and PagedAdamW (fused 32-bit kernel; on the CPU paging is off), torch.optim.AdamW foreach and fused,
 bitsandbytes AdamW8bit, torchao AdamW8bit. Rows: median step ms with the p20-p80 spread, GB/s of the bytes
 each step must move (param read+write, grad read, states read+write), % of the measured copy bandwidth,
 state bytes per parameter, x_floor (step time / the memory floor: the bytes each step must move at the best
@@ -20,8 +21,8 @@ import warnings
 
 import torch
 
-from bench.harness import (copy_ceiling_gbs, copy_floor, device_meta, floor_check, print_table, time_fn, with_rates,
-                           write_results)
+from bench.harness import (copy_ceiling_gbs, copy_floor, device_meta, floor_check, print_table, time_interleaved,
+                           with_rates, write_results)
 
 
 def _state_bytes(opt) -> int:
@@ -96,7 +97,7 @@ def main(argv=None) -> None:
         init = torch.randn(n, dtype=dtype, device=device)
         grad = torch.randn(n, dtype=dtype, device=device) * 1e-3
         bounds = [n * i // k for i in range(k + 1)]
-        case_rows = []
+        made = {}
         for name, make in _impls(device).items():
             params = []
             for a, b in zip(bounds, bounds[1:]):
@@ -109,8 +110,13 @@ def main(argv=None) -> None:
             except Exception as exc:  # noqa: BLE001
                 print(f"  {name} at {mi}: does not run here ({type(exc).__name__}: {exc})")
                 continue
-            reps = args.reps if n <= (16 << 20) else max(3, args.reps // 2)
-            t = time_fn(opt.step, device, warmup=1, reps=reps)
+            made[name] = (opt, params)
+        reps = args.reps if n <= (16 << 20) else max(3, args.reps // 2)
+        # every implementation of this case alive at once, timed round by round (bench.harness.time_interleaved)
+        times = time_interleaved({name: opt.step for name, (opt, _) in made.items()}, device, warmup=1, reps=reps)
+        case_rows = []
+        for name, (opt, params) in made.items():
+            t = times[name]
             sb = _state_bytes(opt)
             ps = params[0].element_size()
             moved = n * (3 * ps) + 2 * sb  # param r+w, grad r, states r+w
@@ -119,7 +125,8 @@ def main(argv=None) -> None:
             case_rows.append(with_rates(row, nbytes=moved, copy_gbs=copy_gbs))
             print(f"  {row['case']:>14}  {name:<34} {t['median_ms']:9.1f} ms  ({row['spread_ms']})  "
                   f"{sb / n:.3f} state B/param", flush=True)
-            del opt, params
+        made.clear()
+        opt = params = p = None  # free this case's tensors before the next
         ours = next((r for r in case_rows if r["impl"] == "qlora_kernels AdamW8bit"), None)
         # the memory floor of this size: a copy of the 8-bit step's byte count, best of 15, measured now
         floor = copy_floor(device, ours["bytes"] if ours else n * 16)

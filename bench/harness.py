@@ -52,6 +52,26 @@ def time_fn(fn, device, warmup: int = 3, reps: int = 20, graph: bool = False) ->
     return _summary(times)
 
 
+def time_interleaved(fns: dict, device, warmup: int = 1, reps: int = 10) -> dict:
+    """time_fn for several callables compared with each other: on the CPU one call of each per round (the
+    order rotating), so a machine whose speed drifts over seconds (a shared VM) skews no ratio; on a GPU each
+    is timed on its own (time_fn). {name: time_fn's dict}."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {name: time_fn(fn, device, warmup=warmup, reps=reps) for name, fn in fns.items()}
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _summary(ts) for name, ts in times.items()}
+
+
 def _summary(times: list[float]) -> dict:
     times = sorted(times)
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
