@@ -4,8 +4,8 @@
 
 Every implementation of a case is built first, then timed one step of each per round (on a CPU, whose
 speed may drift during a run; bench.harness.time_interleaved). Implementations (those that import and run
-here): qlora_kernels AdamW8bit (fused 8-bit kernel) and PagedAdamW (fused 32-bit kernel; on the CPU paging is off), torch.optim.AdamW foreach and fused,
-bitsandbytes AdamW8bit, torchao AdamW8bit. Rows: median step ms with the p20-p80 spread, GB/s of the bytes
+here): qlora_kernels AdamW8bit (fused 8-bit kernel) and PagedAdamW (fused 32-bit kernel; on the CPU paging
+is off), torch.optim.AdamW foreach and fused, bitsandbytes AdamW8bit, torchao AdamW8bit. Rows: median step ms with the p20-p80 spread, GB/s of the bytes
 each step must move (param read+write, grad read, states read+write), % of the measured copy bandwidth,
 state bytes per parameter, x_floor (step time / the memory floor: the bytes each step must move at the best
 copy bandwidth measured in this run, bench.harness.copy_floor; the GPU target for the fused 8-bit step is
