@@ -320,7 +320,26 @@ def test_quantize_non_finite(isa, dtype):
     assert status.tolist() == [1, 123]
 
 
-def test_threads_do_not_change_results(isa):
+@pytest.fixture(params=["auto", "threads"])
+def pool(request):
+    """Both CPU thread pools (csrc/cpu_threads.h): torch's OpenMP runtime where loaded, and std::thread."""
+    got = C.set_cpu_thread_pool(request.param)
+    yield got
+    C.set_cpu_thread_pool("auto")
+
+
+def test_cpu_thread_pool_is_torchs_openmp_runtime():
+    """On Linux the kernels' chunks run on the OpenMP runtime torch loaded (its libgomp), not on threads of
+    their own that would share cores with torch's spinning workers; 'threads' switches back."""
+    if sys.platform.startswith("linux") and "libgomp" in open("/proc/self/maps").read():
+        assert C.cpu_thread_pool().startswith("openmp ") and "libgomp" in C.cpu_thread_pool()
+    assert C.set_cpu_thread_pool("threads") == "threads" == C.cpu_thread_pool()
+    assert C.set_cpu_thread_pool("auto") != "threads" or "libgomp" not in open("/proc/self/maps").read()
+    with pytest.raises(ValueError, match="'auto' or 'threads'"):
+        C.set_cpu_thread_pool("tbb")
+
+
+def test_threads_do_not_change_results(isa, pool):
     w = weight((1 << 20) + 37, torch.bfloat16, seed=3)
     n = w.numel()
     p1, a1, _ = quantize(w, 64, threads=1)

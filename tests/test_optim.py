@@ -390,15 +390,23 @@ def test_nonfinite_gradient_skips_the_tensor(bad, dtype):
 MANY_SIZES = (0, 70001, 1, 255, 256, 4097, 100003, 300, 65536, 513)
 
 
+@pytest.fixture(params=["auto", "threads"])
+def pool(request):
+    """Both CPU thread pools (csrc/cpu_threads.h): torch's OpenMP runtime where loaded, and std::thread."""
+    got = C.set_cpu_thread_pool(request.param)
+    yield got
+    C.set_cpu_thread_pool("auto")
+
+
 @needs_native
-def test_many_tensors_in_one_call_match_the_reference(isa, monkeypatch):
+def test_many_tensors_in_one_call_match_the_reference(isa, pool, monkeypatch):
     """The eager path (one adamw8bit_steps_cpu / adamw32bit_steps_cpu call per group) against the reference,
     one tensor at a time: mixed sizes, dtypes and state widths, two threads with chunks spanning tensors, and
     a NaN gradient in one tensor that skips that tensor only."""
     from qlora_kernels import _ops
 
-    monkeypatch.setattr(_ops, "_OPTIM_GRAIN", 1024)
-    monkeypatch.setattr(_ops, "_CPU_GRAIN", 1024)
+    for grain in ("_OPTIM_GRAIN", "_OPTIM_GRAIN_THREADS", "_CPU_GRAIN", "_CPU_GRAIN_THREADS"):
+        monkeypatch.setattr(_ops, grain, 1024)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -20,28 +20,40 @@ from ._checks import check_weight, lora_pair
 from ._backend import linear_path, native_module, use_native
 from ._format import DTYPE_CODES, NESTED_BLOCKSIZE, all_finite, device_table, num_blocks, packed_numel
 
-# Elements per CPU thread below which the native kernels run on one thread: starting threads on every call
-# right after a torch matmul (whose OpenMP workers are still spinning) cost ~0.5 ms per call in a model step
-# (bench/bench_layer.py: the MiniLM-size dequantize went from ~130 us alone to ~675 us in the step).
-_CPU_GRAIN = 1 << 21
-# The 8-bit optimizer step's grain (2 threads from 1M elements): ~3-6 ns of work per element (two divisions,
-# a square root, four table lookups), so a second thread pays off sooner than for the NF4 kernels. Measured on
-# this 2-core Zen 3 (shared, so load-dependent): bench_optim at 1M, load ~1.4: 3.3-3.7 ms on two threads vs
-# 6.3-6.4 ms on one (torch fused: 0.8-1.0 ms); right after a torch matmul, 1 vs 2 threads, best / median of 30
-# interleaved calls, load ~1.1: 0.5M elements 2.50 / 2.84 vs 2.74 / 3.33 ms, 1M 5.24 / 6.00 vs 3.91 / 6.31 ms.
-# Under heavier load (~3.5) two threads lose at 1M (bench: 7.6-8.0 vs 5.5 ms): the second core is taken. The
-# 32-bit step (~1.5 ns per element) keeps _CPU_GRAIN: two threads lost up to 2M elements (load ~1.9).
-_OPTIM_GRAIN = 1 << 19
+# Elements per CPU thread below which the native kernels run on one thread. Two pools (csrc/cpu_threads.h):
+# - torch's OpenMP runtime (Linux, torch's libgomp loaded): the kernels' chunks run on the workers torch's own
+#   ops use, so they start at once. Measured right after a matmul (median of interleaved calls, 2 cores): the
+#   bf16 dequantize gains 1.31x at 256K elements, 1.68x at 512K, 1.64x at 16M; the 8-bit AdamW step 1.79x
+#   at 128K, 1.91x at 1M; the 32-bit step 1.52x at 256K.
+# - std::thread (no libgomp in the process, or set_cpu_thread_pool("threads")): a thread started right after a
+#   torch op shares its core with an OpenMP worker still spinning (~7 ms), so the same calls LOST with two
+#   threads up to 16M elements (dequantize 0.29x at 128K .. 0.87x at 16M; 8-bit step 0.56x at 128K, 1.01x at
+#   1M): large grains there.
+_CPU_GRAIN = 1 << 17
+_CPU_GRAIN_THREADS = 1 << 21
+# The 8-bit optimizer step does ~3-6 ns of work per element (two divisions, a square root, four table
+# lookups), so a second thread pays off sooner than for the NF4 kernels.
+_OPTIM_GRAIN = 1 << 16
+_OPTIM_GRAIN_THREADS = 1 << 19
 
 
-def _launch_args(device: torch.device, work: int, grain: int = _CPU_GRAIN) -> tuple[str, int]:
-    """The native function suffix and its last argument: CPU thread count, or the current CUDA stream."""
+def _grain(openmp_grain: int, threads_grain: int) -> int:
+    """The grain for the CPU thread pool in use now."""
+    mod = native_module()
+    return openmp_grain if mod is not None and mod.cpu_thread_pool() != "threads" else threads_grain
+
+
+def _launch_args(device: torch.device, work: int, grain: Optional[int] = None) -> tuple[str, int]:
+    """The native function suffix and its last argument: CPU thread count, or the current CUDA stream.
+    grain: elements per thread (default: the NF4 kernels' for the pool in use)."""
     if device.type == "cuda":
         return "_cuda", torch.cuda.current_stream(device).cuda_stream
+    if grain is None:
+        grain = _grain(_CPU_GRAIN, _CPU_GRAIN_THREADS)
     return "_cpu", max(1, min(torch.get_num_threads(), work // grain))
 
 
-def _native(fn: str, device: torch.device, work: int, grain: int = _CPU_GRAIN):
+def _native(fn: str, device: torch.device, work: int, grain: Optional[int] = None):
     """The native `fn` for `device`, its last argument bound. A CUDA launch runs with the tensor's device
     current: the extension launches on the current device (and its stream must belong to it), so weights on
     cuda:1 (device_map="auto") while cuda:0 is current would otherwise launch on the wrong GPU."""
@@ -496,7 +508,7 @@ def _adamw8bit_step_impl(param, grad, state1, state2, absmax1, absmax2, step, sk
                                      lr, beta1, beta2, eps, weight_decay)
         return
     grad = grad.contiguous()
-    _native("adamw8bit_step", param.device, n, _OPTIM_GRAIN)(
+    _native("adamw8bit_step", param.device, n, _grain(_OPTIM_GRAIN, _OPTIM_GRAIN_THREADS))(
         param.data_ptr(), grad.data_ptr(), state1.data_ptr(), state2.data_ptr(), absmax1.data_ptr(),
         absmax2.data_ptr(), step.data_ptr(), skipped.data_ptr(), _optim_flag(param.device).data_ptr(),
         kernel_table(param.device).data_ptr(), n, DTYPE_CODES[param.dtype], lr, beta1, beta2, eps, weight_decay,
@@ -609,7 +621,7 @@ def adamw_steps(steps8: list, steps32: list, lr: float, beta1: float, beta2: flo
         codes = [DTYPE_CODES[item[0].dtype] for item in items]
         flag = _optim_flag(device).data_ptr()
         if items is steps8:
-            _native("adamw8bit_steps", device, sum(ns), _OPTIM_GRAIN)(
+            _native("adamw8bit_steps", device, sum(ns), _grain(_OPTIM_GRAIN, _OPTIM_GRAIN_THREADS))(
                 ptrs(0), [g.data_ptr() for g in grads], ptrs(2), ptrs(3), ptrs(4), ptrs(5), ptrs(6), ptrs(7), ns, codes,
                 flag, kernel_table(device).data_ptr(), lr, beta1, beta2, eps, weight_decay)
         else:
