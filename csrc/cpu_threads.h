@@ -5,8 +5,8 @@
 // linked). Those workers spin for milliseconds after every torch op (libgomp's GOMP_SPINCOUNT, ~7 ms here), so
 // a std::thread of ours started right after a matmul or a backward shares a core with a spinning worker:
 // measured on this 2-core VM, an 8-bit AdamW step of 1M values on two std::threads right after a matmul took as
-// long as on one (3.80 vs 3.67 ms). Elsewhere (no libgomp loaded, another OS) and when asked
-// (set_cpu_thread_pool("threads")), std::thread chunks as before.
+// long as on one (3.80 vs 3.67 ms). Elsewhere (no libgomp loaded, another OS, a forked child of the process
+// that found it) and when asked (set_cpu_thread_pool("threads")), std::thread chunks as before.
 #pragma once
 
 #include <algorithm>
@@ -24,6 +24,7 @@
 #if defined(__linux__)
 #include <dlfcn.h>
 #include <link.h>
+#include <unistd.h>
 #endif
 
 namespace qk {
@@ -36,6 +37,7 @@ struct OmpRuntime {
   OmpIntFn thread_num = nullptr;
   OmpIntFn num_threads = nullptr;
   std::string path;
+  long pid = 0;  // the process that found it: libgomp's pool does not survive a fork (a child would hang)
 };
 
 // The libgomp already loaded in this process (torch's), or an empty OmpRuntime.
@@ -60,6 +62,7 @@ inline const OmpRuntime& omp_runtime() {
     r.thread_num = reinterpret_cast<OmpIntFn>(dlsym(h, "omp_get_thread_num"));
     r.num_threads = reinterpret_cast<OmpIntFn>(dlsym(h, "omp_get_num_threads"));
     if (!r.parallel || !r.thread_num || !r.num_threads) return OmpRuntime{};
+    r.pid = (long)getpid();
 #endif
     return r;
   }();
@@ -70,12 +73,22 @@ inline std::atomic<bool>& use_omp_flag() {
   static std::atomic<bool> flag{true};
   return flag;
 }
+
+// The runtime to run chunks on now, or nullptr: none loaded, "threads" asked for, or a forked child.
+inline const OmpRuntime* omp_in_use() {
+  const OmpRuntime& rt = omp_runtime();
+  if (!rt.parallel || !use_omp_flag().load()) return nullptr;
+#if defined(__linux__)
+  if ((long)getpid() != rt.pid) return nullptr;
+#endif
+  return &rt;
+}
 }  // namespace detail
 
 // "openmp <path>" when the chunks run on the loaded OpenMP runtime's threads, else "threads".
 inline std::string cpu_thread_pool() {
-  const auto& rt = detail::omp_runtime();
-  return detail::use_omp_flag().load() && rt.parallel ? "openmp " + rt.path : "threads";
+  const detail::OmpRuntime* rt = detail::omp_in_use();
+  return rt ? "openmp " + rt->path : "threads";
 }
 // "auto": the loaded OpenMP runtime where there is one; "threads": std::thread always. Returns the pool in use.
 inline std::string set_cpu_thread_pool(const std::string& name) {
@@ -97,17 +110,16 @@ void parallel_for(int64_t total, int64_t num_threads, int64_t grain, F&& fn) {
     return;
   }
   const int64_t chunk = (total + t - 1) / t;
-  const auto& rt = detail::omp_runtime();
-  if (rt.parallel && detail::use_omp_flag().load()) {
+  if (const detail::OmpRuntime* rt = detail::omp_in_use()) {
     struct Job {
       F* fn;
       int64_t total, chunk, chunks;
       const detail::OmpRuntime* rt;
       std::mutex mu;
       std::exception_ptr error;
-    } job{&fn, total, chunk, (total + chunk - 1) / chunk, &rt, {}, nullptr};
+    } job{&fn, total, chunk, (total + chunk - 1) / chunk, rt, {}, nullptr};
     // Chunk c runs on team thread c % team size (a nested or capped team may be smaller than asked).
-    rt.parallel(
+    rt->parallel(
         [](void* data) {
           Job& j = *static_cast<Job*>(data);
           const int64_t id = j.rt->thread_num(), team = std::max(1, j.rt->num_threads());

@@ -339,6 +339,37 @@ def test_cpu_thread_pool_is_torchs_openmp_runtime():
         C.set_cpu_thread_pool("tbb")
 
 
+def _forked_child_dequantize(conn, packed, absmax, n):
+    got = dequantize(packed, absmax, None, None, n, 64, torch.bfloat16, threads=2)
+    conn.send((C.cpu_thread_pool(), got.view(torch.uint8).numpy().tobytes()))  # bytes: no tensor sharing
+    conn.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork + libgomp is the Linux case")
+def test_forked_child_runs_on_its_own_threads():
+    """libgomp's pool does not survive a fork (a child using it hangs): after the parent ran chunks on it, a
+    forked child runs them on std::threads, and gets the same bits."""
+    import multiprocessing as mp
+
+    w = weight((1 << 19) + 5, torch.bfloat16, seed=4)
+    n = w.numel()
+    packed, absmax, _ = quantize(w, 64, threads=2)
+    want = dequantize(packed, absmax, None, None, n, 64, torch.bfloat16, threads=2)  # the parent's pool is live
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_forked_child_dequantize, args=(child, packed, absmax, n))
+    proc.start()
+    try:
+        assert parent.poll(60), "the forked child did not answer within 60 s (hung in the OpenMP runtime?)"
+        pool, got = parent.recv()
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    assert pool == "threads"
+    assert got == want.view(torch.uint8).numpy().tobytes()
+
+
 def test_threads_do_not_change_results(isa, pool):
     w = weight((1 << 20) + 37, torch.bfloat16, seed=3)
     n = w.numel()
