@@ -496,43 +496,6 @@ def _optim_flag(device: torch.device) -> Tensor:
     return _optim_flags[device]
 
 
-def _adamw8bit_step_impl(param, grad, state1, state2, absmax1, absmax2, step, skipped, lr, beta1, beta2, eps,
-                         weight_decay) -> None:
-    """qlora::adamw8bit_step's body, callable without the dispatcher (adamw_steps)."""
-    from .optim import reference as optim_ref
-    from .optim._format import kernel_table
-
-    n = param.numel()
-    if not use_native(param.device):
-        optim_ref.adamw8bit_step_ref(param, grad, state1, state2, absmax1, absmax2, step, skipped,
-                                     lr, beta1, beta2, eps, weight_decay)
-        return
-    grad = grad.contiguous()
-    _native("adamw8bit_step", param.device, n, _grain(_OPTIM_GRAIN, _OPTIM_GRAIN_THREADS))(
-        param.data_ptr(), grad.data_ptr(), state1.data_ptr(), state2.data_ptr(), absmax1.data_ptr(),
-        absmax2.data_ptr(), step.data_ptr(), skipped.data_ptr(), _optim_flag(param.device).data_ptr(),
-        kernel_table(param.device).data_ptr(), n, DTYPE_CODES[param.dtype], lr, beta1, beta2, eps, weight_decay,
-    )
-
-
-def _adamw32bit_step_impl(param, grad, exp_avg, exp_avg_sq, step, skipped, lr, beta1, beta2, eps,
-                          weight_decay) -> None:
-    """qlora::adamw32bit_step's body, callable without the dispatcher (adamw_steps)."""
-    from .optim import reference as optim_ref
-
-    n = param.numel()
-    if not use_native(param.device):
-        optim_ref.adamw32bit_step_ref(param, grad, exp_avg, exp_avg_sq, step, skipped,
-                                      lr, beta1, beta2, eps, weight_decay)
-        return
-    grad = grad.contiguous()
-    _native("adamw32bit_step", param.device, n)(
-        param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), step.data_ptr(),
-        skipped.data_ptr(), _optim_flag(param.device).data_ptr(), n, DTYPE_CODES[param.dtype],
-        lr, beta1, beta2, eps, weight_decay,
-    )
-
-
 @torch.library.custom_op(
     "qlora::adamw8bit_step", mutates_args=("param", "state1", "state2", "absmax1", "absmax2", "step", "skipped")
 )
@@ -554,8 +517,8 @@ def adamw8bit_step(
     """One AdamW step with blockwise 8-bit states: state1/state2 uint8 codes (numel of param; signed /
     unsigned dynamic map), absmax1/absmax2 float32 [ceil(n / 256)], step/skipped int64 []. A gradient with
     NaN, inf or |g| >= 2^63 leaves everything but `skipped` (+1) untouched."""
-    _adamw8bit_step_impl(param, grad, state1, state2, absmax1, absmax2, step, skipped, lr, beta1, beta2, eps,
-                         weight_decay)
+    _run_adamw_steps([(param, grad, state1, state2, absmax1, absmax2, step, skipped)], [], lr, beta1, beta2, eps,
+                     weight_decay)
 
 
 @adamw8bit_step.register_fake
@@ -579,7 +542,7 @@ def adamw32bit_step(
     weight_decay: float,
 ) -> None:
     """One AdamW step with float32 states exp_avg/exp_avg_sq (numel of param); counters as adamw8bit_step."""
-    _adamw32bit_step_impl(param, grad, exp_avg, exp_avg_sq, step, skipped, lr, beta1, beta2, eps, weight_decay)
+    _run_adamw_steps([], [(param, grad, exp_avg, exp_avg_sq, step, skipped)], lr, beta1, beta2, eps, weight_decay)
 
 
 @adamw32bit_step.register_fake
@@ -590,21 +553,27 @@ def _(param, grad, exp_avg, exp_avg_sq, step, skipped, lr, beta1, beta2, eps, we
 
 def adamw_steps(steps8: list, steps32: list, lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float, *, validate: bool = True) -> None:
-    """The optimizers' eager path: the same work as qlora::adamw8bit_step / qlora::adamw32bit_step on each
-    tensor, without the dispatcher (torch.library's Python custom-op dispatch costs ~0.2-0.3 ms per call, more
-    than a 64K-element step, and a LoRA model has hundreds of tensors). With the native kernels all tensors of a
-    state width go in ONE call: on the CPU one thread team over all their work (adamw*_steps_cpu), on CUDA the
+    """The optimizers' eager path: the work of qlora::adamw8bit_step / qlora::adamw32bit_step on many tensors,
+    without the dispatcher (torch.library's Python custom-op dispatch costs ~0.2-0.3 ms per call, more than a
+    64K-element step, and a LoRA model has hundreds of tensors). With the native kernels all tensors of a state
+    width go in ONE call: on the CPU one thread team over all their work (adamw*_steps_cpu), on CUDA the
     per-tensor launches back to back on the current stream (adamw*_steps_cuda).
     steps8: (param, grad, state1, state2, absmax1, absmax2, step, skipped) tuples; steps32: (param, grad,
     exp_avg, exp_avg_sq, step, skipped); one device per call. validate: check every tensor as the ops' fakes do
     (~15 us a tensor); the optimizers pass False: they build the states themselves and check each gradient."""
-    from .optim._format import kernel_table
-
-    for items, impl, check in ((steps8, _adamw8bit_step_impl, _check_step8),
-                               (steps32, _adamw32bit_step_impl, _check_step32)):
-        if validate:
+    if validate:
+        for items, check in ((steps8, _check_step8), (steps32, _check_step32)):
             for item in items:
                 check(*item, check=_raise_unless)
+    _run_adamw_steps(steps8, steps32, lr, beta1, beta2, eps, weight_decay)
+
+
+def _run_adamw_steps(steps8: list, steps32: list, lr, beta1, beta2, eps, weight_decay) -> None:
+    """adamw_steps after its checks; also the qlora:: optimizer ops' body (their fakes check)."""
+    from .optim import reference as optim_ref
+    from .optim._format import kernel_table
+
+    for items, reference in ((steps8, optim_ref.adamw8bit_step_ref), (steps32, optim_ref.adamw32bit_step_ref)):
         if not items:
             continue
         device = items[0][0].device
@@ -613,7 +582,7 @@ def adamw_steps(steps8: list, steps32: list, lr: float, beta1: float, beta2: flo
                              f"{next(item[0].device for item in items if item[0].device != device)}")
         if not use_native(device):
             for item in items:
-                impl(*item, lr, beta1, beta2, eps, weight_decay)
+                reference(*item, lr, beta1, beta2, eps, weight_decay)
             continue
         grads = [item[1].contiguous() for item in items]  # alive until the call returns
         ptrs = lambda k: [item[k].data_ptr() for item in items]  # noqa: E731
