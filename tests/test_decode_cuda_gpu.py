@@ -16,6 +16,8 @@ import qlora_kernels as qk
 from qlora_kernels import _ops
 from qlora_kernels import reference as ref
 
+from accuracy import assert_close_derived
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -42,16 +44,6 @@ def _weight(N, K, bs, dq, device="cuda"):
     return (p, a, n, o), w64, g
 
 
-def _check(out, exact, plain, what):
-    assert torch.isfinite(out).all(), f"{what}: non-finite elements"
-    d, dt = out.double() - exact, plain.double() - exact
-    rms, rms_t = d.pow(2).mean().sqrt().item(), dt.pow(2).mean().sqrt().item()
-    mx, mx_t = d.abs().max().item(), dt.abs().max().item()
-    floor = 1e-2 * torch.finfo(torch.float32).eps * (1.0 + exact.abs().max().item())
-    assert rms <= 2 * rms_t + floor, f"{what}: RMS error {rms:.3e} > 2 x torch {rms_t:.3e}"
-    assert mx <= 4 * mx_t + floor, f"{what}: max error {mx:.3e} > 4 x torch {mx_t:.3e}"
-
-
 @pytest.mark.parametrize("w", WEIGHTS, ids=lambda w: f"N{w[0]}-K{w[1]}-bs{w[2]}{'-dq' if w[3] else ''}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
@@ -76,7 +68,7 @@ def test_decode_cuda_matches_reference(w, dtype, M):
             y = _ops.nf4_decode_cuda(x, p, a, n, o, N, K, bs, U if lora else None, B if lora else None, 0.5,
                                      bias if with_bias else None, split=split, reduce_in_kernel=in_kernel)
             assert y is not None, "the CUDA decode did not take a supported shape"
-            _check(y, exact, plain, f"M={M} lora={lora} bias={with_bias} split={split} in_kernel={in_kernel}")
+            assert_close_derived(y, exact, plain, f"M={M} lora={lora} bias={with_bias} split={split} in_kernel={in_kernel}")
             if split == 2:  # deterministic: the two reductions sum the same slices in the same order
                 y2 = _ops.nf4_decode_cuda(x, p, a, n, o, N, K, bs, U if lora else None, B if lora else None, 0.5,
                                           bias if with_bias else None, split=split, reduce_in_kernel=not in_kernel)
@@ -129,7 +121,7 @@ def test_decode_cuda_on_second_device():
     with torch.cuda.device(0):
         y = _ops.nf4_decode_cuda(x, p, a, n, o, 1024, 2048, 64)
     assert y is not None and y.device == x.device
-    _check(y, x.double() @ w64.t(), x @ w64.t().to(torch.bfloat16), "cuda:1")
+    assert_close_derived(y, x.double() @ w64.t(), x @ w64.t().to(torch.bfloat16), "cuda:1")
 
 
 def test_decode_cuda_graph_capture():

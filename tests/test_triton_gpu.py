@@ -14,6 +14,8 @@ import torch
 import qlora_kernels as qk
 from qlora_kernels import reference as ref
 
+from accuracy import assert_close_derived
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -43,16 +45,6 @@ def layer(request):
     return dict(W=W, w64=w64, wbf=wbf, A=A, B=B, bias=bias, args=(p, a, n, o, N, K, bs), N=N, K=K, r=r)
 
 
-def check(out, exact, plain, what):
-    assert torch.isfinite(out).all(), f"{what}: {int((~torch.isfinite(out)).sum())} non-finite (unwritten?) elements"
-    d, dt = out.double() - exact, plain.double() - exact
-    rms, rms_t = d.pow(2).mean().sqrt().item(), dt.pow(2).mean().sqrt().item()
-    mx, mx_t = d.abs().max().item(), dt.abs().max().item()
-    floor = 1e-2 * torch.finfo(torch.float32).eps * (1.0 + exact.abs().max().item())
-    assert rms <= 2 * rms_t + floor, f"{what}: RMS error {rms:.3e} > 2 x cuBLAS bf16 {rms_t:.3e}"
-    assert mx <= 4 * mx_t + floor, f"{what}: max error {mx:.3e} > 4 x cuBLAS bf16 {mx_t:.3e}"
-
-
 def poisoned(*shape):
     return torch.full(shape, float("nan"), dtype=torch.bfloat16, device="cuda")
 
@@ -68,20 +60,20 @@ def test_forward_bf16(layer, M):
     exact = x.double() @ L["w64"].t() + S * U.double() @ L["B"].double().t() + L["bias"].double()
     plain = torch.addmm(L["bias"], x, L["wbf"].t()).addmm_(U, L["B"].t(), alpha=S)
     out = nf4_linear(x, *L["args"], U, L["B"], S, L["bias"], out=poisoned(M, L["N"]))
-    check(out, exact, plain, "fused")
+    assert_close_derived(out, exact, plain, "fused")
     if M <= 16:
         out = nf4_decode(x, *L["args"], U, L["B"], S, L["bias"], out=poisoned(M, L["N"]))
-        check(out, exact, plain, "decode")
+        assert_close_derived(out, exact, plain, "decode")
         from qlora_kernels.triton_kernels import LaunchConfig
 
         cfg = LaunchConfig(16, 16, 64, 1, 4, 3, split_k=4)  # forced split-K (partials + reduce), deterministic
         o1 = nf4_decode(x, *L["args"], U, L["B"], S, L["bias"], config=cfg, out=poisoned(M, L["N"]))
         o2 = nf4_decode(x, *L["args"], U, L["B"], S, L["bias"], config=cfg)
-        check(o1, exact, plain, "decode split 4")
+        assert_close_derived(o1, exact, plain, "decode split 4")
         assert torch.equal(o1, o2)
     qk.set_backend("triton")
     try:
-        check(torch.ops.qlora.nf4_linear(x, *L["args"], U, L["B"], S, L["bias"]), exact, plain, "op (dispatched)")
+        assert_close_derived(torch.ops.qlora.nf4_linear(x, *L["args"], U, L["B"], S, L["bias"]), exact, plain, "op (dispatched)")
     finally:
         qk.set_backend(None)
 
@@ -96,10 +88,10 @@ def test_dx_bf16(layer, M):
     G = torch.randn(M, L["r"], generator=g).cuda().to(torch.bfloat16)
     exact = dy.double() @ L["w64"] + S * G.double() @ L["A"].double()
     plain = (dy @ L["wbf"]).addmm_(G, L["A"], alpha=S)
-    check(nf4_linear_dx(dy, *L["args"], G, L["A"], S, out=poisoned(M, L["K"])), exact, plain, "dx")
+    assert_close_derived(nf4_linear_dx(dy, *L["args"], G, L["A"], S, out=poisoned(M, L["K"])), exact, plain, "dx")
     qk.set_backend("triton")
     try:
-        check(torch.ops.qlora.nf4_linear_dx(dy, *L["args"], G, L["A"], S), exact, plain, "dx op (dispatched)")
+        assert_close_derived(torch.ops.qlora.nf4_linear_dx(dy, *L["args"], G, L["A"], S), exact, plain, "dx op (dispatched)")
     finally:
         qk.set_backend(None)
 
@@ -115,7 +107,7 @@ def test_dequant_plan_and_graph_capture(layer):
     dispatch.set_plan_override("dequant")
     qk.set_backend("triton")
     try:
-        check(torch.ops.qlora.nf4_linear(x, *L["args"], None, None, S, L["bias"]), exact, plain, "dequant plan")
+        assert_close_derived(torch.ops.qlora.nf4_linear(x, *L["args"], None, None, S, L["bias"]), exact, plain, "dequant plan")
     finally:
         dispatch.set_plan_override(None)
         qk.set_backend(None)
@@ -128,7 +120,7 @@ def test_dequant_plan_and_graph_capture(layer):
         nf4_decode(xs, *L["args"], None, None, S, L["bias"], out=out)
     graph.replay()
     torch.cuda.synchronize()
-    check(out, exact[:4], plain[:4], "decode in a CUDA graph")
+    assert_close_derived(out, exact[:4], plain[:4], "decode in a CUDA graph")
 
 
 def test_empty_and_single_row():
