@@ -420,21 +420,34 @@ def sass_and_resources(cap: int, source: Path | None, so: Path | None) -> tuple[
         return sass_of(binary, cap), regs, origin
 
 
-def decode_report(cap: int, source: Path | None = DECODE_SOURCE, so: Path | None = None) -> list[dict]:
-    """One record per nf4_decode_kernel instantiation in `so` (a built _C) or compiled from `source`."""
+def _records(cap: int, source: Path | None, so: Path | None, describe, analyse_one) -> list[dict]:
+    """One record per kernel of the SASS that describe(mangled name) recognises: its leading fields, cap,
+    origin, analyse_one(name, instructions), registers and spills (ptxas)."""
     sass, regs, origin = sass_and_resources(cap, source, so)
     out = []
     for name, instrs in functions(sass).items():
-        what = demangle_decode(name)
-        if what is None:
+        rec = describe(name)
+        if rec is None:
             continue
-        dtype, nested, mt = what
-        rec = {"kernel": "nf4_decode", "dtype": dtype, "double_quant": nested, "n8_tiles": mt,
-               "case": "M=1 (M<=8)" if mt == 1 else "M=16", "cap": cap, "origin": origin}
-        rec.update(decode_analyse(instrs))
+        rec.update(cap=cap, origin=origin)
+        rec.update(analyse_one(name, instrs))
         r = regs.get(name, {})
         rec.update(registers=r.get("registers"), spill_stores=r.get("spill_stores"), spill_loads=r.get("spill_loads"))
         out.append(rec)
+    return out
+
+
+def decode_report(cap: int, source: Path | None = DECODE_SOURCE, so: Path | None = None) -> list[dict]:
+    """One record per nf4_decode_kernel instantiation in `so` (a built _C) or compiled from `source`."""
+    def describe(name):
+        what = demangle_decode(name)
+        if what is None:
+            return None
+        dtype, nested, mt = what
+        return {"kernel": "nf4_decode", "dtype": dtype, "double_quant": nested, "n8_tiles": mt,
+                "case": "M=1 (M<=8)" if mt == 1 else "M=16"}
+
+    out = _records(cap, source, so, describe, lambda name, instrs: decode_analyse(instrs))
     out.sort(key=lambda r: (r["dtype"], r["double_quant"], r["n8_tiles"]))
     return out
 
@@ -453,19 +466,14 @@ def decode_table(records: list[dict]) -> str:
 
 
 def report(cap: int, source: Path | None = SOURCE, so: Path | None = None) -> list[dict]:
-    sass, regs, origin = sass_and_resources(cap, source, so)
-    out = []
-    for name, instrs in functions(sass).items():
+    def describe(name):
         what = demangle_kernel(name)
         if what is None:
-            continue
+            return None
         kernel, dtype, nested = what
-        rec = {"kernel": kernel.replace("_kernel", ""), "dtype": dtype, "double_quant": nested, "cap": cap,
-               "origin": origin}
-        rec.update(analyse(name, instrs))
-        r = regs.get(name, {})
-        rec.update(registers=r.get("registers"), spill_stores=r.get("spill_stores"), spill_loads=r.get("spill_loads"))
-        out.append(rec)
+        return {"kernel": kernel.replace("_kernel", ""), "dtype": dtype, "double_quant": nested}
+
+    out = _records(cap, source, so, describe, analyse)
     out.sort(key=lambda r: (r["kernel"], r["dtype"], str(r["double_quant"])))
     return out
 
