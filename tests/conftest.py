@@ -7,6 +7,7 @@ no GPU is present and the variable is not set already.
 
 import os
 
+import pytest
 import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
@@ -17,6 +18,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running test")
     config.qk_cpu_paths = {"ran": set(), "skipped": {}}  # filled by test_native.py's `isa` fixture
+
+
+@pytest.fixture(params=["auto", "threads"])
+def pool(request):
+    """Runs the test on both CPU thread pools of the native kernels (csrc/cpu_threads.h): torch's OpenMP
+    runtime where it is loaded, and std::thread."""
+    from qlora_kernels._backend import native_module
+
+    mod = native_module()
+    if mod is None:
+        pytest.skip("qlora_kernels._C is not built")
+    got = mod.set_cpu_thread_pool(request.param)
+    yield got
+    mod.set_cpu_thread_pool("auto")
 
 
 def pytest_terminal_summary(terminalreporter, config):

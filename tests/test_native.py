@@ -320,14 +320,6 @@ def test_quantize_non_finite(isa, dtype):
     assert status.tolist() == [1, 123]
 
 
-@pytest.fixture(params=["auto", "threads"])
-def pool(request):
-    """Both CPU thread pools (csrc/cpu_threads.h): torch's OpenMP runtime where loaded, and std::thread."""
-    got = C.set_cpu_thread_pool(request.param)
-    yield got
-    C.set_cpu_thread_pool("auto")
-
-
 def test_cpu_thread_pool_is_torchs_openmp_runtime():
     """On Linux the kernels' chunks run on the OpenMP runtime torch loaded (its libgomp), not on threads of
     their own that would share cores with torch's spinning workers; 'threads' switches back."""

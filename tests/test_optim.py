@@ -390,14 +390,6 @@ def test_nonfinite_gradient_skips_the_tensor(bad, dtype):
 MANY_SIZES = (0, 70001, 1, 255, 256, 4097, 100003, 300, 65536, 513)
 
 
-@pytest.fixture(params=["auto", "threads"])
-def pool(request):
-    """Both CPU thread pools (csrc/cpu_threads.h): torch's OpenMP runtime where loaded, and std::thread."""
-    got = C.set_cpu_thread_pool(request.param)
-    yield got
-    C.set_cpu_thread_pool("auto")
-
-
 @needs_native
 def test_many_tensors_in_one_call_match_the_reference(isa, pool, monkeypatch):
     """The eager path (one adamw8bit_steps_cpu / adamw32bit_steps_cpu call per group) against the reference,
