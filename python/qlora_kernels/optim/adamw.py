@@ -5,9 +5,10 @@ Semantics are torch.optim.AdamW's (decoupled weight decay, bias correction, para
 closures, zero_grad, state_dict / load_state_dict; resuming from a state dict continues the same trajectory
 bit for bit). Not supported: maximize, amsgrad, sparse gradients.
 
-Per tensor and step, one native call (qlora::adamw8bit_step / qlora::adamw32bit_step): dequantize the states,
-update in float32, write the parameter in its dtype, requantize. The 8-bit step writes its update in
-bitsandbytes' blockwise form, p -= (lr * bc2 / bc1) * m / (sqrt(v) + eps * bc2) (one division per value); the
+Per tensor and step one pass of a native kernel: dequantize the states, update in float32, write the
+parameter in its dtype, requantize. In eager mode all tensors of a parameter group go in one call
+(_ops.adamw_steps); traced by torch.compile, each through qlora::adamw8bit_step / qlora::adamw32bit_step.
+The 8-bit step writes its update in bitsandbytes' blockwise form, p -= (lr * bc2 / bc1) * m / (sqrt(v) + eps * bc2) (one division per value); the
 32-bit step in torch.optim.AdamW's, p -= (lr / bc1) * m / (sqrt(v) / bc2 + eps): the same algebra, rounded
 differently (optim/reference.py). State keys (bitsandbytes' names):
     8-bit  (tensors with >= min_8bit_size elements): state1, state2 uint8 codes (shape of the parameter),
@@ -48,15 +49,10 @@ def _check_hyper(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
 
 
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
-
-
-_DTENSOR = _dtensor_type()
+try:
+    from torch.distributed.tensor import DTensor as _DTENSOR
+except ImportError:  # torch built without distributed
+    _DTENSOR = None
 
 
 def _local_param(p: torch.Tensor) -> torch.Tensor:
@@ -157,8 +153,8 @@ class _FusedAdamW(torch.optim.Optimizer):
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             lr, beta1, beta2, eps, wd = float(lr), float(beta1), float(beta2), float(eps), float(wd)
             _check_hyper(lr, (beta1, beta2), eps, wd)  # a scheduler or a user may have changed the group
-            # eager: every tensor of the group through _ops.adamw_steps (one native call per state width on
-            # the CPU); traced by torch.compile, or a tensor subclass: the qlora:: ops, one per tensor
+            # eager: every tensor of the group through _ops.adamw_steps (one native call per state width and
+            # device); traced by torch.compile, or a tensor subclass: the qlora:: ops, one per tensor
             eager = not torch.compiler.is_compiling()
             batch8, batch32, copies = [], [], []
             for p in group["params"]:
