@@ -8,9 +8,9 @@ bit for bit). Not supported: maximize, amsgrad, sparse gradients.
 Per tensor and step one pass of a native kernel: dequantize the states, update in float32, write the
 parameter in its dtype, requantize. In eager mode all tensors of a parameter group go in one call
 (_ops.adamw_steps); traced by torch.compile, each through qlora::adamw8bit_step / qlora::adamw32bit_step.
-The 8-bit step writes its update in bitsandbytes' blockwise form, p -= (lr * bc2 / bc1) * m / (sqrt(v) + eps * bc2) (one division per value); the
-32-bit step in torch.optim.AdamW's, p -= (lr / bc1) * m / (sqrt(v) / bc2 + eps): the same algebra, rounded
-differently (optim/reference.py). State keys (bitsandbytes' names):
+The 8-bit step writes its update in bitsandbytes' blockwise form, p -= (lr * bc2 / bc1) * m / (sqrt(v) +
+eps * bc2) (one division per value); the 32-bit step in torch.optim.AdamW's, p -= (lr / bc1) * m / (sqrt(v) /
+bc2 + eps): the same algebra, rounded differently (optim/reference.py). State keys (bitsandbytes' names):
     8-bit  (tensors with >= min_8bit_size elements): state1, state2 uint8 codes (shape of the parameter),
            absmax1, absmax2 float32 [ceil(n / 256)]
     32-bit (smaller tensors, and the 32-bit optimizers): state1, state2 float32 (shape of the parameter)
