@@ -12,7 +12,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .._backend import triton_interpreting
-from .._checks import check_weight, lora_pair  # noqa: F401 (the launchers import them from here)
 from .._format import device_table
 from .configs import perm_k_supported
 

@@ -13,9 +13,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._checks import check_weight, lora_pair
 from ._common import (
-    activation, check_weight, dtype_flags, fast_flags, lora_bias_epilogue, lora_pair, on_input_device, r_pad,
-    weight_args, weight_flags,
+    activation, dtype_flags, fast_flags, lora_bias_epilogue, on_input_device, r_pad, weight_args, weight_flags,
 )
 from .configs import LaunchConfig, pick_config
 from .nf4_tile import nf4_w_tile, perm_k
