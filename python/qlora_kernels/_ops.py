@@ -597,3 +597,6 @@ def _run_adamw_steps(steps8: list, steps32: list, lr, beta1, beta2, eps, weight_
             _native("adamw32bit_steps", device, sum(ns))(
                 ptrs(0), [g.data_ptr() for g in grads], ptrs(2), ptrs(3), ptrs(4), ptrs(5), ns, codes, flag,
                 lr, beta1, beta2, eps, weight_decay)
+
+
+from . import _grouped_ops  # noqa: E402,F401  (registers qlora::nf4_grouped_linear / nf4_grouped_linear_dx)
