@@ -926,3 +926,84 @@ def test_bench_optim_runs_and_reports_the_memory_floor(tmp_path, capsys):
     assert ours["bytes"] == int(0.02 * 2**20) * 12 + 2 * ours["state_B/param"] * int(0.02 * 2**20)
     assert all(r["x_floor"] > 0 and r["floor_ms"] > 0 for r in rows.values())
     assert "x its memory floor" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------- managed-memory guard (CPU)
+# torch.cuda.mem_get_info and the native allocator stubbed: the guard's arithmetic and the optimizers' fallback
+# without a GPU. (tests/test_gpu_stress.py::test_managed_over_free asks a real GPU for more than is free.)
+class _FakeNative:
+    """The extension's managed allocator, recording what it was asked for (host tensors stand in)."""
+
+    def __init__(self):
+        self.asked = []
+
+    def managed_capsule(self, nbytes, index):
+        self.asked.append((nbytes, index))
+        return torch.zeros(nbytes, dtype=torch.uint8)
+
+
+@pytest.fixture
+def guard_stubs(monkeypatch):
+    from qlora_kernels.optim import paged
+
+    fake = _FakeNative()
+    mem = {"free": 10 << 30, "total": 32 << 30}
+    monkeypatch.setattr(paged, "native_module", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=None: (mem["free"], mem["total"]))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(paged, "_warned_guard", set())
+    return paged, fake, mem
+
+
+def test_managed_guard_budget_and_refusal(guard_stubs):
+    paged, fake, mem = guard_stubs
+    dev = torch.device("cuda", 0)
+    margin = max(paged.MANAGED_MARGIN_MIN_BYTES, int(paged.MANAGED_MARGIN_FRACTION * mem["total"]))
+    assert margin == int(0.05 * (32 << 30))  # 5% of 32 GiB > 1 GiB
+    assert paged.managed_budget(dev) == mem["free"] - margin
+    budget = mem["free"] - margin
+    t = paged.managed_zeros((budget // 4,), torch.float32, dev)  # exactly the budget: allowed
+    assert fake.asked == [(budget // 4 * 4, 0)] and t.shape == (budget // 4,) and t.dtype == torch.float32
+    with pytest.raises(paged.ManagedMemoryError, match=r"exceeds the managed-memory budget of cuda:0"):
+        paged.managed_zeros((budget // 4 + 1,), torch.float32, dev)
+    assert len(fake.asked) == 1  # the refused request never reached the native allocator
+    mem["free"] = margin // 2  # less free than the margin: every non-empty request is refused
+    with pytest.raises(paged.ManagedMemoryError):
+        paged.managed_zeros((1,), torch.uint8, dev)
+    assert len(fake.asked) == 1
+
+
+def test_managed_guard_fallback_warns_once(guard_stubs):
+    paged, fake, mem = guard_stubs
+    dev = torch.device("cuda", 0)
+    big = (mem["free"] // 2 + 1, 2)  # float32: 4 (free / 2 + 1) bytes > free
+    with pytest.warns(RuntimeWarning, match="use ordinary device memory"):
+        assert paged.managed_zeros_or_none(big, torch.float32, dev) is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second refusal on the same device is silent
+        assert paged.managed_zeros_or_none(big, torch.float32, dev) is None
+        assert paged.managed_zeros_or_none((8,), torch.uint8, dev) is not None
+    assert fake.asked == [(8, 0)]
+
+
+def test_paged_optimizer_states_fall_back_beyond_managed_guard(guard_stubs, monkeypatch):
+    """The optimizer's state allocation: managed (the stub) within the guard, ordinary memory beyond it; the
+    state accounting follows where each state went."""
+    paged, fake, mem = guard_stubs
+    from qlora_kernels.optim import adamw
+
+    monkeypatch.setattr(adamw, "paging_available", lambda device: True)
+    p_small = torch.nn.Parameter(torch.zeros(64, 64))
+    opt = optim.PagedAdamW32bit([p_small], lr=1e-3)
+    st = opt._new_state(p_small)
+    assert len(fake.asked) == 2 and opt.state_bytes()["managed"] == 0  # not in opt.state yet
+    assert {st["state1"].untyped_storage().data_ptr(), st["state2"].untyped_storage().data_ptr()} <= opt._managed_storages
+    mem["free"] = paged.MANAGED_MARGIN_MIN_BYTES + 8 * 1024  # room for 8 KiB of states beyond the margin
+    mem["total"] = 2 << 30
+    opt2 = optim.PagedAdamW32bit([p_small], lr=1e-3)
+    with pytest.warns(RuntimeWarning, match="exceeds the managed-memory budget"):
+        st2 = opt2._new_state(p_small)  # 16 KiB each: refused, ordinary tensors
+    assert len(fake.asked) == 2 and not opt2._managed_storages
+    assert torch.count_nonzero(st2["state1"]) == 0 and st2["state1"].shape == p_small.shape

@@ -28,7 +28,7 @@ import torch
 
 from .. import _ops
 from ._format import MIN_8BIT_SIZE, num_state_blocks
-from .paged import managed_zeros, paging_available, prefetch
+from .paged import managed_zeros_or_none, paging_available, prefetch
 
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "step", "skipped")
@@ -117,9 +117,11 @@ class _FusedAdamW(torch.optim.Optimizer):
 
     def _zeros(self, shape, dtype, device) -> torch.Tensor:
         if self._paged and paging_available(device):
-            t = managed_zeros(shape, dtype, device)
-            self._managed_storages.add(t.untyped_storage().data_ptr())
-            return t
+            # None: over the free-memory guard (paged.py); the state goes to device memory, warned once
+            t = managed_zeros_or_none(shape, dtype, device)
+            if t is not None:
+                self._managed_storages.add(t.untyped_storage().data_ptr())
+                return t
         return torch.zeros(shape, dtype=dtype, device=device)
 
     def _new_state(self, p: torch.Tensor) -> dict:
