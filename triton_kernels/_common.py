@@ -12,6 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._backend import triton_interpreting
+from .._checks import aligned_packed
 from .._format import device_table
 from .configs import perm_k_supported
 
@@ -68,7 +69,7 @@ def r_pad(r: int) -> int:
 def weight_args(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], offset: Optional[Tensor], device):
     """The six pointer arguments every kernel takes after its activations; unused ones alias absmax."""
     nf4, dmap = device_table("nf4", device), device_table("map", device)
-    packed = packed.reshape(-1)
+    packed = aligned_packed(packed.reshape(-1))  # the fast path's int32 vector loads need 16-byte alignment
     absmax = absmax.reshape(-1)
     if nested_absmax is None:
         nested, off = absmax, absmax

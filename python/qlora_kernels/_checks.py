@@ -9,6 +9,12 @@ from torch import Tensor
 
 from ._format import NESTED_BLOCKSIZE
 
+# The Triton fast path (triton_kernels/nf4_tile.py nf4_tile_fast) reads `packed` as int32 words in 16-byte
+# vectors, its offsets declared multiples of 16 bytes: a view starting elsewhere (packed[1:], a slice of a
+# bigger buffer) would load misaligned words, a CUDA "misaligned address" error that poisons the context.
+PACKED_ALIGN = 16
+_warned_misaligned = False
+
 
 def check_weight(packed, absmax, nested_absmax, offset, n_out, k_in, blocksize, device) -> None:
     """A packed NF4 weight [n_out, k_in] and its scales, as the fused kernels read them: sizes, devices,
@@ -34,6 +40,24 @@ def check_weight(packed, absmax, nested_absmax, offset, n_out, k_in, blocksize, 
     if nested_absmax is not None and (absmax.dtype != torch.uint8 or offset is None):
         raise TypeError("double quantization needs uint8 absmax codes, nested_absmax and offset")
 
+
+def aligned_packed(packed: Tensor) -> Tensor:
+    """`packed` (uint8, contiguous) itself when its address is a multiple of PACKED_ALIGN bytes, else an aligned
+    copy (a fresh allocation; one RuntimeWarning per process, since the copy is repeated on every call)."""
+    global _warned_misaligned
+    if packed.data_ptr() % PACKED_ALIGN == 0 or packed.numel() == 0:
+        return packed
+    if not _warned_misaligned:
+        _warned_misaligned = True
+        import warnings
+
+        warnings.warn(f"qlora_kernels: packed NF4 weight at an address that is not a multiple of {PACKED_ALIGN} "
+                      f"bytes (a view at byte offset {packed.storage_offset()}): copied before each fused kernel; "
+                      f"keep the packed weight in its own tensor to avoid the copy", RuntimeWarning, stacklevel=3)
+    copy = torch.empty_like(packed, memory_format=torch.contiguous_format)
+    if copy.data_ptr() % PACKED_ALIGN:  # torch's allocators align far beyond 16 bytes; say so if one does not
+        raise RuntimeError(f"a fresh {packed.device} allocation is not {PACKED_ALIGN}-byte aligned")
+    return copy.copy_(packed)
 
 
 def lora_pair(u: Optional[Tensor], v: Optional[Tensor], rows: int, cols: int, u_name: str, v_name: str):
