@@ -30,13 +30,13 @@ __all__ = [
 ]
 
 # --- training layer (autograd, nn modules, model preparation, adapters) ---
-from .autograd import QLoRALinearFunction, qlora_linear  # noqa: E402
-from .nn import QLoRALinear  # noqa: E402
+from .autograd import NF4LinearFunction, QLoRALinearFunction, qlora_linear  # noqa: E402
+from .nn import NF4Linear, QLoRALinear  # noqa: E402
 from .model import PrepareReport, merge_and_unload, prepare_model  # noqa: E402
 from .adapters import load_adapter, save_adapter  # noqa: E402
 
-__all__ += ["QLoRALinearFunction", "qlora_linear", "QLoRALinear", "prepare_model", "PrepareReport",
-            "merge_and_unload", "save_adapter", "load_adapter"]
+__all__ += ["QLoRALinearFunction", "NF4LinearFunction", "qlora_linear", "NF4Linear", "QLoRALinear", "prepare_model",
+            "PrepareReport", "merge_and_unload", "save_adapter", "load_adapter"]
 
 # --- big models: streaming load / save of Hugging Face checkpoints, memory planner ---
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained  # noqa: E402
@@ -54,3 +54,8 @@ __all__ += ["optim", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32b
 from .distributed import full_state_dict, load_from_rank0, load_sharded, save_sharded, shard_model  # noqa: E402
 
 __all__ += ["shard_model", "full_state_dict", "save_sharded", "load_sharded", "load_from_rank0"]
+
+# --- the Hugging Face stack: PEFT's LoRA on NF4Linear, hooked in when peft is imported (integrations/) ---
+from .integrations import peft as _peft_integration  # noqa: E402
+
+_peft_integration.install()

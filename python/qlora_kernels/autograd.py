@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import _ops
 
-__all__ = ["QLoRALinearFunction", "qlora_linear"]
+__all__ = ["QLoRALinearFunction", "NF4LinearFunction", "qlora_linear"]
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -118,13 +118,41 @@ class QLoRALinearFunction(torch.autograd.Function):
         return dx, None, None, None, None, d_a, d_b, d_bias, None, None, None, None, None
 
 
+class NF4LinearFunction(torch.autograd.Function):
+    """y [M, N] = x [M, K] @ deq(W)^T + bias: the Function of a quantized linear without adapters (NF4Linear).
+
+    forward(ctx, x, packed, absmax, nested_absmax, offset, bias, out_features, in_features, blocksize)
+    x: 2-D [M, K] with unit last stride; bias [N] or None in x's dtype. Nothing is saved for backward but
+    the handles of W (buffers that live anyway): dx = dy @ deq(W) is recomputed by `qlora::nf4_linear_dx`.
+    Gradients: x and bias, each only when ctx.needs_input_grad asks; never the NF4 tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, nested_absmax, offset, bias, out_features, in_features, blocksize):
+        ctx.weight_handles = (packed, absmax, nested_absmax, offset)
+        ctx.meta = (out_features, in_features, blocksize)
+        return _ops.nf4_linear(x, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize,
+                               None, None, 0.0, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        packed, absmax, nested_absmax, offset = ctx.weight_handles
+        out_features, in_features, blocksize = ctx.meta
+        dx = d_bias = None
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        if ctx.needs_input_grad[0]:
+            dx = _ops.nf4_linear_dx(dy, packed, absmax, nested_absmax, offset, out_features, in_features,
+                                    blocksize, None, None, 0.0)
+        if ctx.needs_input_grad[5]:
+            d_bias = dy.sum(dim=0)
+        return dx, None, None, None, None, d_bias, None, None, None
+
+
 # ----------------------------------------------------------------------------------------------- checks
-def _check_args(x, weight_shape, weight_device, lora_A, lora_B, bias, scaling, dropout):
+def _check_base_args(x, weight_shape, bias):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if len(weight_shape) != 2:
@@ -135,6 +163,18 @@ def _check_args(x, weight_shape, weight_device, lora_A, lora_B, bias, scaling, d
             f"x has shape {tuple(x.shape)}: its last dimension must equal weight's in_features {k_in} "
             f"(weight shape {tuple(weight_shape)})"
         )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n_out):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}: it must be [out_features] = [{n_out}]")
+
+
+def _check_args(x, weight_shape, weight_device, lora_A, lora_B, bias, scaling, dropout):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_base_args(x, weight_shape, bias)
+    n_out, k_in = weight_shape
     if lora_A.dim() != 2:
         raise ValueError(f"lora_A must be 2-D [r, in_features], got shape {tuple(lora_A.shape)}")
     if lora_A.shape[0] == 0:
@@ -150,8 +190,6 @@ def _check_args(x, weight_shape, weight_device, lora_A, lora_B, bias, scaling, d
             f"lora_B has shape {tuple(lora_B.shape)}: it must be [out_features, r] = [{n_out}, {r}] "
             f"(weight {tuple(weight_shape)}, lora_A {tuple(lora_A.shape)})"
         )
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n_out):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}: it must be [out_features] = [{n_out}]")
     dev = x.device
     for name, d in (("weight", weight_device), ("lora_A", lora_A.device), ("lora_B", lora_B.device),
                     ("bias", None if bias is None else bias.device)):
@@ -195,6 +233,34 @@ def _qlora_linear(x, packed, absmax, nested_absmax, offset, weight_shape, blocks
             x2, packed.reshape(-1), absmax, nested_absmax, offset, lora_A, lora_B, bias,
             n_out, k_in, blocksize, float(scaling), p,
         )
+    return y.view(*lead, n_out)
+
+
+def _nf4_linear(x, packed, absmax, nested_absmax, offset, weight_shape, blocksize, bias=None):
+    """x @ deq(W)^T + bias on the raw NF4 tensors (what NF4Linear.forward calls). x [..., K] float32/float16/
+    bfloat16 (under autocast: the autocast dtype), bias [N] or None (cast to x's dtype). Returns [..., N]."""
+    _check_base_args(x, weight_shape, bias)
+    n_out, k_in = weight_shape
+    if bias is not None and bias.device != x.device:
+        raise ValueError(f"bias is on {bias.device} but x is on {x.device}: all inputs must be on one device")
+    if packed.device != x.device:
+        raise ValueError(f"weight is on {packed.device} but x is on {x.device}: all inputs must be on one device")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(device_type))
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if bias is not None:
+        if bias.dtype not in _ACT_DTYPES:
+            raise TypeError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
+        bias = bias.to(x.dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k_in)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    with torch.autocast(device_type, enabled=False):
+        y = NF4LinearFunction.apply(x2, packed.reshape(-1), absmax, nested_absmax, offset, bias, n_out, k_in,
+                                    blocksize)
     return y.view(*lead, n_out)
 
 

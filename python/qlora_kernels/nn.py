@@ -1,4 +1,5 @@
-"""QLoRALinear: a frozen NF4 base weight with trainable LoRA adapters, a drop-in for nn.Linear.
+"""NF4Linear: a frozen NF4 weight (+ bias), a drop-in for nn.Linear; QLoRALinear: an NF4Linear with trainable
+LoRA adapters.
 
 State dict (what `state_dict()` writes and `load_state_dict()` reads):
     weight, weight.absmax, weight.quant_map, [weight.nested_absmax, weight.nested_quant_map,]
@@ -18,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from ._format import FLOAT_DTYPES, prepare_device
-from .autograd import _qlora_linear
+from .autograd import _nf4_linear, _qlora_linear
 from .functional import quantize_nf4
 from .weight import QUANT_STATE_KEY, NF4Weight, packed_bytes
 
-__all__ = ["QLoRALinear"]
+__all__ = ["NF4Linear", "QLoRALinear"]
 
 # Buffers holding the NF4 weight; their dtypes are part of the format, so module.to(dtype) must not cast them.
 _NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_nested_absmax", "weight_offset")
@@ -46,8 +47,194 @@ def check_lora_args(r, alpha, dropout, adapter_dtype=torch.float32) -> None:
                         f"dtype), got {adapter_dtype!r}")
 
 
-class QLoRALinear(nn.Module):
-    """y = x @ deq(W)^T + scaling * dropout(x) @ A^T @ B^T + bias, with W frozen in NF4.
+class NF4Linear(nn.Module):
+    """y = x @ deq(W)^T + bias with W frozen in NF4 and no adapters: what a quantized model holds for every
+    quantized linear that LoRA does not target (the base of QLoRALinear, which adds the adapters).
+
+    Build one with `from_linear` (quantizes an nn.Linear), `from_bnb` (takes over a bitsandbytes Linear4bit's
+    NF4 weight as is) or the constructor (an NF4Weight). The only parameter is `bias` (frozen by default);
+    the NF4 tensors are non-persistent buffers saved under bitsandbytes' Linear4bit keys.
+    forward never keeps deq(W): the backward recomputes x's gradient through the `qlora::nf4_linear_dx` op.
+
+    Attributes:
+        in_features, out_features, blocksize, weight_dtype (the dtype W was quantized from),
+        weight: the NF4Weight (a view of the buffers; rebuilt after .to()).
+    """
+
+    def __init__(self, weight: NF4Weight, bias: Optional[Tensor] = None):
+        super().__init__()
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.blocksize = weight.blocksize
+        self.weight_dtype = weight.dtype
+        self._set_weight(weight)
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape [{self.out_features}], got {tuple(bias.shape)}")
+            # the bias keeps its own dtype: it is frozen by default, and a trained one wants its precision too
+            self.bias = nn.Parameter(bias.detach().to(device=weight.device).clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    # ----------------------------------------------------------------------------------------- builders
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
+        """Quantize `linear.weight` to NF4 (bitsandbytes-identical); the bias keeps its dtype and stays frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(weight, linear.bias)
+
+    @classmethod
+    def from_bnb(cls, layer) -> "NF4Linear":
+        """Take over a bitsandbytes `Linear4bit` (nf4): its packed codes and (double-quantized) scales are
+        used as they are (see `nf4_weight_from_bnb`)."""
+        weight = nf4_weight_from_bnb(layer)
+        return cls(weight, None if layer.bias is None else layer.bias.detach())
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool = False, blocksize: int = 64,
+              double_quant: bool = True, dtype: torch.dtype = torch.float32, device="meta",
+              bias_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
+        """A layer with NF4 storage of the right sizes but no values (torch.empty's), to be filled by
+        `set_weight` or `load_state_dict`: on the meta device it is the skeleton a loader builds before any
+        weight exists (a meta layer takes the device of the first weight set into it).
+        dtype: the dtype the weight will be quantized from; bias_dtype: the bias's (default dtype)."""
+        n = in_features * out_features
+        nb = (n + blocksize - 1) // blocksize
+        f = dict(device=device)
+        packed = torch.empty((n + 1) // 2, dtype=torch.uint8, **f)
+        if double_quant:
+            weight = NF4Weight(packed, torch.empty(nb, dtype=torch.uint8, **f), shape=(out_features, in_features),
+                               dtype=dtype, blocksize=blocksize,
+                               nested_absmax=torch.empty((nb + 255) // 256, dtype=torch.float32, **f),
+                               offset=torch.empty((), dtype=torch.float32, **f))
+        else:
+            weight = NF4Weight(packed, torch.empty(nb, dtype=torch.float32, **f), shape=(out_features, in_features),
+                               dtype=dtype, blocksize=blocksize)
+        b = torch.empty(out_features, dtype=bias_dtype or dtype, **f) if bias else None
+        return cls(weight, b)
+
+    # ------------------------------------------------------------------------------------------ the weight
+    def _set_weight(self, weight: NF4Weight) -> None:
+        packed, absmax, nested, offset = weight.tensors()
+        for name, t in zip(_NF4_BUFFERS, (packed, absmax, nested, offset)):
+            self.register_buffer(name, t, persistent=False)
+        self._weight_cache = None
+
+    def _nf4_tensors(self) -> tuple:
+        """(packed, absmax, nested_absmax, offset) as the ops take them (distributed.py stores them by rows)."""
+        return self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset
+
+    @property
+    def weight(self) -> NF4Weight:
+        """The NF4Weight over this module's buffers (read-only; set a new one with `set_weight`)."""
+        key = tuple(id(getattr(self, n)) for n in _NF4_BUFFERS)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            packed, absmax, nested, offset = self._nf4_tensors()
+            w = NF4Weight(packed, absmax, shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
+                          blocksize=self.blocksize, nested_absmax=nested, offset=offset)
+            self._weight_cache = (key, w)
+        return self._weight_cache[1]
+
+    def set_weight(self, weight: NF4Weight) -> None:
+        """Replace the base weight (same shape); it moves to this module's device (a layer on the meta
+        device, a skeleton, takes the weight's device instead)."""
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight has shape {tuple(weight.shape)}, this layer is [{self.out_features}, {self.in_features}]"
+            )
+        if self.weight_packed.device.type != "meta":
+            weight = weight.to(self.weight_packed.device)
+        self.blocksize, self.weight_dtype = weight.blocksize, weight.dtype
+        self._set_weight(weight)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() would cast the float32 scales: apply only the device part of fn to them.
+        # (distributed.py makes packed / absmax uint8 parameters: .to(dtype) never casts integer parameters)
+        saved = {n: self._buffers.pop(n) for n in _NF4_BUFFERS if n in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in saved.items():
+                if t is not None:
+                    moved = fn(t)
+                    t = moved if moved.dtype == t.dtype else t.to(moved.device)
+                self._buffers[n] = t
+        self._weight_cache = None
+        packed = getattr(self, "weight_packed", None)  # a buffer, or a parameter under distributed.py
+        if isinstance(packed, Tensor):  # the kernels' tables on the new device now, not in the first forward
+            prepare_device(packed.device)
+        return self
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        return _nf4_linear(x, *self._nf4_tensors(), (self.out_features, self.in_features), self.blocksize,
+                           self.bias)
+
+    def _nf4_repr(self) -> str:
+        dq = "double_quant" if self.weight_nested_absmax is not None else "single_quant"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nf4(blocksize={self.blocksize}, {dq}, {self.weight.bits_per_param:.3f} bits/param)")
+
+    def extra_repr(self) -> str:
+        return self._nf4_repr()
+
+    # ----------------------------------------------------------------------------------------- state dicts
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.weight_packed.device.type == "meta":
+            # a skeleton has no quant state to write (its offset has no value): the key alone says "a weight
+            # goes here", which is what loaders (transformers' from_pretrained) read a meta model's keys for
+            destination[prefix + "weight"] = self.weight_packed
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        for key, t in self.weight.state_dict(prefix + "weight").items():
+            destination[key] = t if keep_vars else t.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias (the buffers are non-persistent)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        wkey = prefix + "weight"
+        own = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
+        rest = {k: v for k, v in state_dict.items() if k not in own}
+        if wkey not in own:
+            missing_keys.append(wkey)
+        else:
+            try:
+                self._load_weight(own, wkey)
+            except (KeyError, ValueError, TypeError) as exc:
+                error_msgs.append(f"{wkey}: {exc}")
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _load_weight(self, sd: dict, wkey: str) -> None:
+        t = sd[wkey]
+        shape = (self.out_features, self.in_features)
+        # An unquantized nn.Linear weight (float, no quant state; a packed weight in a float quant_storage
+        # dtype comes with its quant state): quantize it like this layer.
+        if t.is_floating_point() and f"{wkey}.{QUANT_STATE_KEY}" not in sd:
+            if tuple(t.shape) != shape:
+                raise ValueError(f"float weight has shape {tuple(t.shape)}, this layer is {list(shape)}")
+            extra = [k for k in sd if k != wkey]
+            if extra:
+                raise ValueError(f"a float weight cannot come with quantization keys {extra}")
+            w = quantize_nf4(t.to(self.weight_packed.device), blocksize=self.blocksize,
+                             double_quant=self.weight_nested_absmax is not None)
+        else:
+            w = NF4Weight.from_state_dict(sd, prefix=wkey, strict=True)
+            if tuple(w.shape) != shape:
+                raise ValueError(f"NF4 weight has shape {list(w.shape)}, this layer is {list(shape)}")
+        self.set_weight(w)
+
+
+class QLoRALinear(NF4Linear):
+    """y = x @ deq(W)^T + scaling * dropout(x) @ A^T @ B^T + bias, with W frozen in NF4 (an NF4Linear with
+    trainable LoRA adapters), a drop-in for nn.Linear.
 
     Build one with `from_linear` (quantizes an nn.Linear), `from_bnb` (takes over a bitsandbytes
     Linear4bit's NF4 weight as is) or the constructor (an NF4Weight). Only `lora_A.weight`, `lora_B.weight`
@@ -66,32 +253,19 @@ class QLoRALinear(nn.Module):
     def __init__(self, weight: NF4Weight, bias: Optional[Tensor] = None, r: int = 16, alpha: float = 16,
                  dropout: float = 0.0, use_rslora: bool = False,
                  adapter_dtype: Optional[torch.dtype] = torch.float32):
-        super().__init__()
-        if not isinstance(weight, NF4Weight):
+        if not isinstance(weight, NF4Weight):  # before check_lora_args, as before the split
             raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
-        if len(weight.shape) != 2:
-            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
         check_lora_args(r, alpha, dropout, adapter_dtype)
-        self.out_features, self.in_features = (int(s) for s in weight.shape)
-        self.blocksize = weight.blocksize
-        self.weight_dtype = weight.dtype
+        super().__init__(weight, bias)
         self.r = r
         self.lora_alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
         self.scaling = _scaling(self.lora_alpha, r, self.use_rslora)
         self.dropout = float(dropout)
-        self._set_weight(weight)
         dtype = adapter_dtype or weight.dtype
         factory = dict(device=weight.device, dtype=dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
-        if bias is not None:
-            if bias.shape != (self.out_features,):
-                raise ValueError(f"bias must have shape [{self.out_features}], got {tuple(bias.shape)}")
-            # the bias keeps its own dtype: it is frozen by default, and a trained one wants its precision too
-            self.bias = nn.Parameter(bias.detach().to(device=weight.device).clone(), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
         self.reset_lora_parameters()
 
     # ----------------------------------------------------------------------------------------- builders
@@ -131,56 +305,6 @@ class QLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    # ------------------------------------------------------------------------------------------ the weight
-    def _set_weight(self, weight: NF4Weight) -> None:
-        packed, absmax, nested, offset = weight.tensors()
-        for name, t in zip(_NF4_BUFFERS, (packed, absmax, nested, offset)):
-            self.register_buffer(name, t, persistent=False)
-        self._weight_cache = None
-
-    def _nf4_tensors(self) -> tuple:
-        """(packed, absmax, nested_absmax, offset) as the ops take them (distributed.py stores them by rows)."""
-        return self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset
-
-    @property
-    def weight(self) -> NF4Weight:
-        """The NF4Weight over this module's buffers (read-only; set a new one with `set_weight`)."""
-        key = tuple(id(getattr(self, n)) for n in _NF4_BUFFERS)
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            packed, absmax, nested, offset = self._nf4_tensors()
-            w = NF4Weight(packed, absmax, shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
-                          blocksize=self.blocksize, nested_absmax=nested, offset=offset)
-            self._weight_cache = (key, w)
-        return self._weight_cache[1]
-
-    def set_weight(self, weight: NF4Weight) -> None:
-        """Replace the base weight (same shape); it moves to this module's device."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"weight has shape {tuple(weight.shape)}, this layer is [{self.out_features}, {self.in_features}]"
-            )
-        weight = weight.to(self.weight_packed.device)
-        self.blocksize, self.weight_dtype = weight.blocksize, weight.dtype
-        self._set_weight(weight)
-
-    def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() would cast the float32 scales: apply only the device part of fn to them.
-        # (distributed.py makes packed / absmax uint8 parameters: .to(dtype) never casts integer parameters)
-        saved = {n: self._buffers.pop(n) for n in _NF4_BUFFERS if n in self._buffers}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for n, t in saved.items():
-                if t is not None:
-                    moved = fn(t)
-                    t = moved if moved.dtype == t.dtype else t.to(moved.device)
-                self._buffers[n] = t
-        self._weight_cache = None
-        packed = getattr(self, "weight_packed", None)  # a buffer, or a parameter under distributed.py
-        if isinstance(packed, Tensor):  # the kernels' tables on the new device now, not in the first forward
-            prepare_device(packed.device)
-        return self
-
     def merged_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """deq(W) + scaling * B @ A as a dense [N, K] tensor of `dtype` (default: the base weight's original
         dtype), computed in float32 and rounded once.
@@ -202,53 +326,9 @@ class QLoRALinear(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        dq = "double_quant" if self.weight_nested_absmax is not None else "single_quant"
         scale = "alpha/sqrt(r)" if self.use_rslora else "alpha/r"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"nf4(blocksize={self.blocksize}, {dq}, {self.weight.bits_per_param:.3f} bits/param), "
-            f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g} ({scale}), dropout={self.dropout:g}"
-        )
-
-    # ----------------------------------------------------------------------------------------- state dicts
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for key, t in self.weight.state_dict(prefix + "weight").items():
-            destination[key] = t if keep_vars else t.detach()
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias (the buffers are non-persistent)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        wkey = prefix + "weight"
-        own = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
-        rest = {k: v for k, v in state_dict.items() if k not in own}
-        if wkey not in own:
-            missing_keys.append(wkey)
-        else:
-            try:
-                self._load_weight(own, wkey)
-            except (KeyError, ValueError, TypeError) as exc:
-                error_msgs.append(f"{wkey}: {exc}")
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def _load_weight(self, sd: dict, wkey: str) -> None:
-        t = sd[wkey]
-        shape = (self.out_features, self.in_features)
-        # An unquantized nn.Linear weight (float, no quant state; a packed weight in a float quant_storage
-        # dtype comes with its quant state): quantize it like this layer.
-        if t.is_floating_point() and f"{wkey}.{QUANT_STATE_KEY}" not in sd:
-            if tuple(t.shape) != shape:
-                raise ValueError(f"float weight has shape {tuple(t.shape)}, this layer is {list(shape)}")
-            extra = [k for k in sd if k != wkey]
-            if extra:
-                raise ValueError(f"a float weight cannot come with quantization keys {extra}")
-            w = quantize_nf4(t.to(self.weight_packed.device), blocksize=self.blocksize,
-                             double_quant=self.weight_nested_absmax is not None)
-        else:
-            w = NF4Weight.from_state_dict(sd, prefix=wkey, strict=True)
-            if tuple(w.shape) != shape:
-                raise ValueError(f"NF4 weight has shape {list(w.shape)}, this layer is {list(shape)}")
-        self.set_weight(w)
+        return (f"{self._nf4_repr()}, "
+                f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g} ({scale}), dropout={self.dropout:g}")
 
 
 def nf4_weight_from_bnb(layer) -> NF4Weight:
