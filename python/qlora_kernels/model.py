@@ -220,6 +220,21 @@ def _check_target(name: str, module: nn.Module) -> None:
         raise ValueError(f"{name}.weight has non-finite values (NaN or inf): NF4 cannot represent them")
 
 
+def _refuse_peft_wrapped(model: nn.Module) -> None:
+    """A model wrapped by peft.get_peft_model already has its adapters: replacing its Linear modules would put
+    adapters on PEFT's base_layer, lora_A and lora_B. Refused before anything changes."""
+    lora = [n for n, m in model.named_modules()
+            if type(m).__module__.startswith("peft.") or type(m).__name__ == "LoraNF4Linear"
+            if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    if lora:
+        raise ValueError(
+            f"prepare_model: {type(model).__name__} is wrapped by PEFT ({len(lora)} LoRA layers, e.g. {lora[0]!r}); "
+            "it would put adapters on PEFT's base_layer / lora_A / lora_B. Quantize before get_peft_model "
+            "(NF4Linear bases: PEFT's LoRA layers on them run the fused kernels), or call merge_and_unload() / "
+            "unload() on the PEFT model first"
+        )
+
+
 def prepare_model(
     model: nn.Module,
     target_modules: Union[str, Iterable[str]] = "all-linear",
@@ -257,6 +272,7 @@ def prepare_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)  # module paths as PEFT names them, also under torch.compile / DDP
+    _refuse_peft_wrapped(model)
     check_lora_args(r, alpha, dropout, adapter_dtype)
     check_blocksize(blocksize)
     for name, flag in (("double_quant", double_quant), ("use_rslora", use_rslora), ("train_bias", train_bias)):
