@@ -203,3 +203,67 @@ def test_rank_and_alpha_patterns_ours_to_peft(tmp_path):
     assert_same_layers_and_scalings(model, peft32)
     peft64 = peft.PeftModel.from_pretrained(dequantized_base(model).double(), tmp_path).eval()
     assert_derived(logits(model), logits(peft32), logits(peft64))
+
+
+# ------------------------------------------------------------------------- load_adapter's own checks
+import re  # noqa: E402
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_load_adapter_checks_everything_before_copying(tmp_path):
+    """A modules_to_save tensor of the wrong shape (read last) raises with every LoRA tensor still as it was."""
+    from safetensors.torch import load_file, save_file
+
+    donor = prepared(r=4)
+    randomize_adapters(donor, seed=7)
+    save_adapter(donor, tmp_path, modules_to_save=["lm_head"])
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    assert sum(".lora_" in k for k in tensors) == 28
+    tensors["base_model.model.lm_head.weight"] = tensors["base_model.model.lm_head.weight"][:, :10].contiguous()
+    save_file(tensors, file)
+    model = prepared(r=4)
+    randomize_adapters(model)
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"shape mismatch for 'lm_head.weight'"):
+        load_adapter(model, tmp_path)
+    _assert_unchanged(model, before)
+
+
+def test_load_adapter_file_errors_name_the_file(tmp_path):
+    model = prepared(["q_proj", "v_proj"], r=4)
+    save_adapter(model, tmp_path)
+    before = _state(model)
+    file = tmp_path / "adapter_model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])  # truncated: safetensors' own error names no file
+    with pytest.raises(ValueError, match=re.escape(str(file)) + r": cannot read the adapter weights"):
+        load_adapter(model, tmp_path)
+    file.write_bytes(data)
+    config = tmp_path / "adapter_config.json"
+    text = config.read_text()
+    config.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=re.escape(str(config)) + r": cannot read the adapter config"):
+        load_adapter(model, tmp_path)
+    _assert_unchanged(model, before)
+
+
+def test_load_adapter_target_that_is_not_linear_raises(tmp_path):
+    """target_modules=["q_proj", "act_fn"]: PEFT raises on act_fn (not a Linear); so does load_adapter."""
+    model = prepared(["q_proj"], r=4)
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "act_fn"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"not linear layers: \['model.layers.0.mlp.act_fn \("):
+        load_adapter(model, tmp_path)
+    _assert_unchanged(model, before)
