@@ -60,18 +60,20 @@ ARCH = {80: "sm_80", 90: "sm_90a"}
 MACHINE = {90: dict(sms=132, schedulers=4, clock_hz=1.9e9, regs=65536, smem=233472),
            80: dict(sms=108, schedulers=4, clock_hz=1.41e9, regs=65536, smem=167936)}
 SHORT = {"_nf4_linear_kernel": "fwd", "_nf4_linear_dx_kernel": "dx", "_nf4_decode_kernel": "decode",
-         "_nf4_decode_reduce_kernel": "decode_reduce"}
+         "_nf4_decode_reduce_kernel": "decode_reduce",
+         "_nf4_grouped_linear_kernel": "gfwd", "_nf4_grouped_dx_kernel": "gdx"}  # grouped MoE (grouped.py)
 SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _ORIGINALS: dict = {}
 
 
 # ------------------------------------------------------------------------------------------ compile
 def record_launches(cap: int, op: str, M: int, N: int, K: int, blocksize: int, r: int, dq: bool, dtype_name: str,
-                    bias: bool, config: tuple | None = None):
-    """Call the real launcher on meta tensors with recorders in place of the kernels; return the launches."""
+                    bias: bool, config: tuple | None = None, E: int = 1):
+    """Call the real launcher on meta tensors with recorders in place of the kernels; return the launches.
+    op "gfwd" / "gdx": the grouped MoE kernels over E experts of [N, K] holding M rows in all (no bias)."""
     import torch
 
-    from qlora_kernels.triton_kernels import LaunchConfig, configs, decode, linear_dx, linear_fwd
+    from qlora_kernels.triton_kernels import LaunchConfig, configs, decode, grouped, linear_dx, linear_fwd
 
     configs.capability = lambda device: cap // 10
     configs.sm_count = lambda device: MACHINE[cap]["sms"]
@@ -85,7 +87,8 @@ def record_launches(cap: int, op: str, M: int, N: int, K: int, blocksize: int, r
             return lambda *args, **kwargs: launches.append((self.fn, grid, args, kwargs))
 
     for mod, names in ((linear_fwd, ["_nf4_linear_kernel"]), (linear_dx, ["_nf4_linear_dx_kernel"]),
-                       (decode, ["_nf4_decode_kernel", "_nf4_decode_reduce_kernel"])):
+                       (decode, ["_nf4_decode_kernel", "_nf4_decode_reduce_kernel"]),
+                       (grouped, ["_nf4_grouped_linear_kernel", "_nf4_grouped_dx_kernel"])):
         for name in names:
             fn = _ORIGINALS.setdefault((mod.__name__, name), getattr(mod, name))
             setattr(mod, name, Recorder(fn))
@@ -100,6 +103,19 @@ def record_launches(cap: int, op: str, M: int, N: int, K: int, blocksize: int, r
     else:
         absmax, nested, offset = torch.empty(nb, device=meta), None, None
     t = lambda *s: torch.empty(*s, dtype=dtype, device=meta)  # noqa: E731
+    if op in ("gfwd", "gdx"):  # the experts' tensors stacked [E, ...] (qlora_kernels/_grouped_ops.py)
+        offsets = torch.empty(E + 1, dtype=torch.int64, device=meta)
+        stack = lambda v: None if v is None else v.reshape(1, -1).expand(E, -1).contiguous()  # noqa: E731
+        gw = (offsets, stack(packed), stack(absmax), stack(nested), None if offset is None else offset.expand(E).contiguous(),
+              N, K, blocksize)
+        cfg = None if config is None else LaunchConfig(*config)
+        if op == "gfwd":
+            grouped.nf4_grouped_linear_triton(t(M, K), *gw, t(M, r) if r else None, t(E, N, r) if r else None, 0.5,
+                                              config=cfg)
+        else:
+            grouped.nf4_grouped_linear_dx_triton(t(M, N), *gw, t(M, r) if r else None, t(E, r, K) if r else None,
+                                                 0.5, config=cfg)
+        return launches
     w = (packed, absmax, nested, offset, N, K, blocksize)
     cfg = None if config is None else LaunchConfig(*config)
     u, b, bias_t = t(M, r) if r else None, t(N, r) if r else None, t(N) if bias else None
@@ -116,7 +132,7 @@ def signature(fn, args, kwargs):
     """(signature, constexprs, attrs, options) as Triton's JIT specializes these arguments."""
     import torch
 
-    tys = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8"}
+    tys = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8", torch.int64: "i64"}
     names = fn.arg_names
     sig, consts, attrs = {}, {}, {}
     for i, (name, a) in enumerate(zip(names, args)):
@@ -254,16 +270,19 @@ def model(rec: dict, M: int, N: int, K: int, dq: bool, e: int = 2) -> dict:
     bm, bn, bk, split = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c.get("SPLIT_K", 1)
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     kern = rec["kernel"]
-    if kern == "fwd":
-        ctas, iters = cdiv(M, bm) * cdiv(N, bn), cdiv(K, bk)
-    elif kern == "dx":
-        ctas, iters = cdiv(M, bm) * cdiv(K, bk), cdiv(N, bn)
+    # grouped (gfwd / gdx): E experts of [N, K], the M rows spread evenly (M // E each); M-tiles per expert
+    experts = rec.get("E", 1) if kern in ("gfwd", "gdx") else 1
+    mtiles = experts * cdiv(M // experts, bm)
+    if kern in ("fwd", "gfwd"):
+        ctas, iters = mtiles * cdiv(N, bn), cdiv(K, bk)
+    elif kern in ("dx", "gdx"):
+        ctas, iters = mtiles * cdiv(K, bk), cdiv(N, bn)
     else:
         ctas, iters = cdiv(N, bn) * split, cdiv(cdiv(K, split), bk)
     warp_instr = ctas * iters * c["num_warps"] * rec["loop_instructions"]
     issue = warp_instr / (mach["sms"] * mach["schedulers"] * mach["clock_hz"])
-    tensor = 2 * cdiv(M, bm) * bm * N * K / P
-    memory = (N * K * (4.127 if dq else 4.5) / 8 + e * (M * K + M * N)) / BW
+    tensor = 2 * mtiles * bm * N * K / P
+    memory = (experts * N * K * (4.127 if dq else 4.5) / 8 + e * (M * K + M * N)) / BW
     # A loop that waits for its own wgmma overlaps dequantization with the tensor cores only through a second
     # CTA on the SM; with one CTA per SM (registers or shared memory) the two add up.
     ctas = ctas_per_sm(rec)
@@ -297,12 +316,30 @@ def cases(quick: bool = False, caps=(90, 80)) -> list[dict]:
                         for M in ms:
                             out.append(dict(cap=cap, op=op, M=M, N=nk, K=nk, blocksize=64, r=16, dq=dq,
                                             dtype_name=dtype_name, bias=False))
+    return out + grouped_cases(quick, caps)
+
+
+# The grouped MoE kernels: E = 8 experts of 4096 x 4096 holding 4096 rows (the dense benchmark's weight shape,
+# so the counts compare with the dense kernels'), and Qwen3-30B-A3B's experts (128 of them, hidden 2048,
+# moe_intermediate 768: gate_up [1536, 2048], down [2048, 768]) for 4096 tokens routed to 8 experts each.
+GROUPED_SHAPES = (dict(E=8, M=4096, N=4096, K=4096), dict(E=128, M=32768, N=1536, K=2048),
+                  dict(E=128, M=32768, N=2048, K=768))
+
+
+def grouped_cases(quick: bool = False, caps=(90, 80)) -> list[dict]:
+    out = []
+    for cap in caps:
+        for shape in (GROUPED_SHAPES[:1] if quick else GROUPED_SHAPES):
+            for op in ("gfwd", "gdx"):
+                out.append(dict(cap=cap, op=op, blocksize=64, r=16, dq=True, dtype_name="bfloat16", bias=False,
+                                **shape))
     return out
 
 
 def case_name(c: dict) -> str:
     dt = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[c["dtype_name"]]
-    return f"{c['op']}-M{c['M']}-N{c['N']}-K{c['K']}-{dt}-bs{c['blocksize']}-{'dq' if c['dq'] else 'nodq'}"
+    experts = f"-E{c['E']}" if c.get("E", 1) > 1 else ""
+    return f"{c['op']}{experts}-M{c['M']}-N{c['N']}-K{c['K']}-{dt}-bs{c['blocksize']}-{'dq' if c['dq'] else 'nodq'}"
 
 
 def analyze_case(case: dict, sass_dir: str | None = None) -> list[dict]:
@@ -333,6 +370,7 @@ def analyze_case(case: dict, sass_dir: str | None = None) -> list[dict]:
         rec = {
             "kernel": kern, "function": fn.__name__, "cap": cap, "dtype": case["dtype_name"], "case": name,
             "op": case["op"], "M": case["M"], "N": case["N"], "K": case["K"], "double_quant": case["dq"],
+            "E": case.get("E", 1),
             "sass": fname, "config": config, "weights_per_thread_per_iteration": wpt,
             "shared_bytes": k.metadata.shared, "shared_limit": SMEM_LIMIT[cap],
             "registers": pinfo["registers"], "spills": pinfo["spill_stores"] + pinfo["spill_loads"],

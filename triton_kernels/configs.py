@@ -72,6 +72,15 @@ HEURISTICS: dict[tuple, LaunchConfig] = {
     ("dx", 8, 1024): _C(128, 128, 64, 8, 8, 3),
     ("dx", 8, None): _C(128, 128, 64, 8, 8, 3),
     ("decode", 8, 16): _C(16, 128, 128, 1, 4, 3),  # 4.6 per weight (16x128x64: 5.6)
+    # grouped MoE kernels (grouped.py; "gfwd" / "gdx", one entry per capability: the rows per expert vary
+    # within a launch): the dense kernels' 64-row tiles (wgmma on sm_90, one warpgroup; a 128-row tile would
+    # waste half a tile more per expert on ragged groups) with their two-block K width.
+    ("gfwd", 9, None): _C(64, 128, 128, 8, 4, 3),
+    ("gdx", 9, None): _C(64, 64, 128, 8, 4, 4),
+    ("gfwd", 8, None): _C(64, 128, 128, 8, 8, 3),
+    ("gdx", 8, None): _C(64, 64, 128, 8, 4, 3),
+    ("gfwd", 0, None): _C(32, 32, 32, 4, 4, 1),
+    ("gdx", 0, None): _C(32, 32, 32, 4, 4, 1),
     # interpreter: small tiles (it runs every program in Python)
     ("fwd", 0, None): _C(32, 32, 32, 4, 4, 1),
     ("dx", 0, None): _C(32, 32, 32, 4, 4, 1),
@@ -95,6 +104,10 @@ LEGACY_HEURISTICS: dict[tuple, LaunchConfig] = {
     ("dx", 8, 1024): _C(128, 64, 64, 8, 8, 3),
     ("dx", 8, None): _C(128, 64, 64, 8, 8, 3),
     ("decode", 8, 16): _C(16, 128, 64, 1, 4, 3),
+    ("gfwd", 9, None): _C(64, 128, 64, 8, 4, 4),
+    ("gdx", 9, None): _C(64, 64, 64, 8, 4, 4),
+    ("gfwd", 8, None): _C(64, 128, 64, 8, 8, 3),
+    ("gdx", 8, None): _C(64, 64, 64, 8, 4, 3),
 }
 
 
@@ -108,6 +121,7 @@ def perm_k_supported() -> bool:
 # float32 activations take exact FMA dots (no tensor cores): tiles capped so they do not spill (ptxas:
 # 128x128x64 spilled ~20 KB, 64x64x32 0.6-5 KB, 64x64x16 with rank 128 ~60 B; these caps spill nothing).
 FP32_CAP = {"fwd": _C(64, 32, 16, 8, 4, 2), "dx": _C(64, 16, 32, 8, 4, 2), "decode": _C(16, 16, 64, 1, 4, 2)}
+FP32_CAP.update(gfwd=FP32_CAP["fwd"], gdx=FP32_CAP["dx"])
 M_BUCKETS = (16, 64, 256, 1024, None)
 
 DECODE_MAX_M = 16
@@ -141,8 +155,8 @@ def m_bucket(M: int):
 def table_config(op: str, M: int, cap: int) -> LaunchConfig:
     if op == "decode":
         key = ("decode", cap, 16)
-    elif cap == 0:
-        key = (op, 0, None)
+    elif cap == 0 or op in ("gfwd", "gdx"):  # grouped: one entry per capability
+        key = (op, cap, None)
     else:
         bucket = m_bucket(M)
         key = (op, cap, 64 if op in ("fwd", "dx") and bucket == 16 else bucket)
