@@ -77,7 +77,8 @@ def check_both(counts, N, K, blocksize, dq, r, dtype, config=None):
                          gops.nf4_grouped_linear_dx_ref(dy, *args, u, a, S), f"grouped dx {counts}")
 
 
-COUNTS = {"ragged": [3, 0, 37, 1], "one-expert": [0, 0, 40, 0], "empty-ends": [0, 17, 20, 0], "T=0": [0, 0, 0, 0]}
+COUNTS = {"ragged": [3, 0, 37, 1], "one-expert": [0, 0, 40, 0], "empty-ends": [0, 17, 20, 0], "T=0": [0, 0, 0, 0],
+          "E=1": [13]}
 # (N, K, blocksize, double quant, dtype, config): the general masked tile at the interpreter's table config;
 # the aligned fast path (nf4_tile_fast; PERM_K on triton >= 3.9: BLOCK_K = 2 blocks) at 16x32x128
 FAST = LaunchConfig(16, 32, 128, 4, 4, 1)
@@ -86,6 +87,8 @@ VARIANTS = {
     "fast-f16-dq": (64, 128, 64, True, torch.float16, FAST),
     "fast-f16-nodq": (32, 128, 64, False, torch.float16, FAST),
 }
+if ON_GPU:  # compiled kernels do bfloat16 arithmetic right (the interpreter does not)
+    VARIANTS["fast-bf16-dq"] = (64, 128, 64, True, torch.bfloat16, FAST)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -125,7 +128,7 @@ def _schedule_kernel(out_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.c
     tl.store(out_ptr + 3 * t + 2, row_end)
 
 
-@pytest.mark.parametrize("counts", [[3, 0, 37, 1], [0, 0, 40, 0], [0] * 5 + [64] + [0] * 10, [16, 16, 1, 0, 33]])
+@pytest.mark.parametrize("counts", [[3, 0, 37, 1], [0, 0, 40, 0], [0] * 5 + [64] + [0] * 10, [16, 16, 1, 0, 33], [9]])
 def test_tile_schedule(counts):
     """Tile t -> (expert, first row, expert's end) from the offsets on the device: every expert with rows gets
     ceil(rows / BLOCK_M) consecutive tiles covering exactly its rows, an expert without rows none, and the
