@@ -318,6 +318,10 @@ def main(argv=None) -> int:
                 L = Layer(N, K, r, M, dtype, device)
                 run_case(L, impls, passes, ceilings, rows, notes, graph=M <= 16 and device.type == "cuda")
                 del L
+                # the JSON after each case: a run stopped by its caller's time cap keeps every finished row
+                write_results("linear" + ("-quick" if args.quick else ""), rows,
+                              {**meta, "complete": False, "notes": notes, "wall_s": round(time.perf_counter() - t0, 1)},
+                              args.out, plot=False)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     qk.set_backend(None)
@@ -334,6 +338,7 @@ def main(argv=None) -> int:
     meta["crossover"] = cross
     meta["notes"] = notes
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
+    meta["complete"] = True
     path = write_results("linear" + ("-quick" if args.quick else ""), rows, meta, args.out)
     print_table(rows)
     for k, v in cross.items():

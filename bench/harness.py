@@ -318,12 +318,18 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()[:40]
 
 
-def write_results(family: str, rows: list[dict], meta: dict, out_dir: Path | None = None) -> Path:
-    """Write bench/results/<family>-<device>.json (and .png when matplotlib is present); return the JSON path."""
+def write_results(family: str, rows: list[dict], meta: dict, out_dir: Path | None = None, plot: bool = True) -> Path:
+    """Write bench/results/<family>-<device>.json (and .png when matplotlib is present and `plot`); return the JSON
+    path. The JSON is replaced atomically (written beside, then renamed): a bench that rewrites it after each case
+    and is killed mid-write leaves the previous complete file."""
     out_dir = Path(out_dir) if out_dir else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{family}-{slug(meta['device'])}.json"
-    path.write_text(json.dumps({"family": family, "meta": meta, "rows": rows}, indent=1, default=str))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"family": family, "meta": meta, "rows": rows}, indent=1, default=str))
+    tmp.replace(path)
+    if not plot:
+        return path
     try:
         _plot(path.with_suffix(".png"), family, rows, meta)
     except ImportError:
