@@ -96,3 +96,296 @@ def test_nf4linear_state_dict_to_and_errors():
         NF4Linear.from_linear(layer)
     with pytest.raises(ValueError, match="weight has shape"):
         layer.set_weight(quantize_nf4(torch.randn(8, 64)))
+
+
+# ================================================================================ transformers: NF4Config
+transformers = pytest.importorskip("transformers")
+VOCAB = 128
+# every nn.Linear of the tiny Llama but lm_head (the output embeddings: skipped by default)
+LINEARS = [f"model.layers.{i}.{p}" for i in range(2) for p in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def tiny_config():
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+                                    tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """A tiny Llama saved in bfloat16 (so transformers' load dtype and the stored dtype agree: the bytes of
+    quantize_nf4 of the stored tensor), and that model."""
+    path = tmp_path_factory.mktemp("hfq") / "dense"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config()).to(torch.bfloat16)
+    model.save_pretrained(path)
+    return path, model
+
+
+def from_pretrained(path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
+
+
+def nf4(path, dtype=torch.bfloat16, **cfg):
+    return from_pretrained(path, quantization_config=qk.NF4Config(compute_dtype=dtype, **cfg), dtype=dtype)
+
+
+def tokens(seed=0):
+    return torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(seed))
+
+
+def same_nf4(a, b) -> bool:
+    return a.shape == b.shape and a.blocksize == b.blocksize and all(
+        (x is None and y is None) or torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+
+
+def test_from_pretrained_quantizes_every_linear_bit_exact(dense):
+    path, ref = dense
+    model = nf4(path)
+    swapped = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    assert swapped == set(LINEARS)
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, ref.lm_head.weight)
+    for name in LINEARS:
+        layer = model.get_submodule(name)
+        assert same_nf4(layer.weight, quantize_nf4(ref.get_submodule(name).weight.detach())), name
+        assert layer.weight.dtype == torch.bfloat16 and layer.weight.double_quant
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    assert torch.equal(model.model.norm.weight, ref.model.norm.weight)
+    # what trainers read
+    assert model.is_quantized and model.quantization_method == "qlora_kernels"
+    assert model.is_loaded_in_4bit is (__import__("importlib").util.find_spec("bitsandbytes") is not None)
+    assert model.hf_quantizer.is_trainable and model.hf_quantizer.is_serializable()
+    assert model.config.quantization_config.modules_to_not_convert == ["lm_head"]
+    assert "named_non_persistent_buffers" not in model.__dict__  # the load-time override is gone
+
+
+def test_logits_match_the_dense_model_with_dequantized_weights(dense):
+    """The NF4 model computes the dense model with deq(W) in place of W: against that model in float64, its
+    float32 logits hold the project's derived bound (2x / 4x PyTorch's own float32 error, tests/accuracy.py)."""
+    from accuracy import assert_close_derived
+
+    path, ref = dense
+    model = nf4(path, dtype=torch.float32)
+    twin = transformers.LlamaForCausalLM(tiny_config())
+    twin.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    with torch.no_grad():
+        for name in LINEARS:
+            twin.get_submodule(name).weight.copy_(model.get_submodule(name).weight.dequantize(torch.float32))
+    ids = tokens()
+    with torch.no_grad():
+        out = model(ids).logits
+        plain = twin(ids).logits
+        exact = twin.double()(ids).logits
+    assert_close_derived(out, exact, plain, "logits")
+
+
+def test_save_and_reload_without_the_config(dense, tmp_path):
+    path, _ = dense
+    model = nf4(path)
+    ids = tokens(1)
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path / "nf4")
+    import json
+
+    qc = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "qlora_kernels" and qc["blocksize"] == 64 and qc["double_quant"] is True
+    again = from_pretrained(tmp_path / "nf4")  # the config comes from config.json
+    assert isinstance(again.config.quantization_config, qk.NF4Config) and again.dtype == torch.bfloat16
+    for name in LINEARS:
+        assert same_nf4(again.get_submodule(name).weight, model.get_submodule(name).weight), name
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)
+    # the checkpoint holds bitsandbytes' Linear4bit keys
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "nf4" / "model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+    assert {f"{LINEARS[0]}.weight.absmax", f"{LINEARS[0]}.weight.quant_state.bitsandbytes__nf4"} <= keys
+    # qlora_kernels' own loader reads it too: the same bytes under QLoRALinear (B = 0 adds exact zeros)
+    ours = qk.load_pretrained(tmp_path / "nf4", device="cpu", compute_dtype=torch.bfloat16, verbose=False,
+                              progress=False)
+    for name in LINEARS:
+        assert same_nf4(ours.get_submodule(name).weight, model.get_submodule(name).weight), name
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, logits)
+
+
+def test_bitsandbytes_format_loads_in_transformers_bitsandbytes(dense, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    path, _ = dense
+    model = nf4(path, serialize_as="bitsandbytes")
+    model.save_pretrained(tmp_path / "bnb")
+    import json
+
+    qc = json.loads((tmp_path / "bnb" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["bnb_4bit_quant_type"] == "nf4"
+    theirs = from_pretrained(tmp_path / "bnb", device_map="cpu")
+    for name in LINEARS:
+        layer = theirs.get_submodule(name)
+        assert isinstance(layer, bnb.nn.Linear4bit), name
+        ours = model.get_submodule(name).weight
+        assert torch.equal(layer.weight.data.view(torch.uint8).view(-1), ours.packed.view(-1))
+        assert torch.equal(layer.weight.quant_state.absmax, ours.absmax)
+    assert type(theirs.lm_head) is nn.Linear
+
+
+def test_modules_to_not_convert_replaces_the_default(dense, tmp_path):
+    """As in BitsAndBytesConfig, a list replaces the default skips (lm_head is then quantized too); names match
+    transformers' way (a path prefix, a regex from the start, or a suffix)."""
+    path, ref = dense
+    model = nf4(path, modules_to_not_convert=[r"model\.layers\.\d+\.mlp"])
+    swapped = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    assert swapped == {n for n in LINEARS if ".mlp." not in n} | {"lm_head"}
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
+    model.save_pretrained(tmp_path / "skip")
+    again = from_pretrained(tmp_path / "skip")
+    assert {n for n, m in again.named_modules() if isinstance(m, NF4Linear)} == swapped
+
+
+def test_dequantize_gives_dense_linears(dense):
+    path, _ = dense
+    model = nf4(path)
+    deq = {n: model.get_submodule(n).weight.dequantize() for n in LINEARS}
+    model.dequantize()
+    for name in LINEARS:
+        layer = model.get_submodule(name)
+        assert type(layer) is nn.Linear and torch.equal(layer.weight, deq[name])
+    assert not getattr(model, "is_quantized", False)
+
+
+def test_prepare_model_for_kbit_training_leaves_nf4_untouched(dense):
+    peft = pytest.importorskip("peft")
+    path, _ = dense
+    model = nf4(path)
+    before = {n: [t.clone() for t in model.get_submodule(n).weight.tensors()] for n in LINEARS}
+    ptrs = {n: [t.data_ptr() for t in model.get_submodule(n).weight.tensors()] for n in LINEARS}
+    model = peft.prepare_model_for_kbit_training(model)
+    for name in LINEARS:
+        w = model.get_submodule(name).weight
+        assert [t.data_ptr() for t in w.tensors()] == ptrs[name], name
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(w.tensors(), before[name])), name
+    assert not any(p.requires_grad for p in model.parameters())
+    if model.is_loaded_in_4bit:  # PEFT then enables what a 4-bit model needs
+        assert model.is_activation_checkpointing
+
+
+def test_bad_options_name_the_option():
+    with pytest.raises(ValueError, match="blocksize"):
+        qk.NF4Config(blocksize=100)
+    with pytest.raises(ValueError, match="quant_storage"):
+        qk.NF4Config(quant_storage=torch.bfloat16)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        qk.NF4Config(compute_dtype=torch.int8)
+    with pytest.raises(ValueError, match="double_quant"):
+        qk.NF4Config(double_quant="yes")
+    with pytest.raises(ValueError, match="modules_to_not_convert"):
+        qk.NF4Config(modules_to_not_convert="lm_head")
+    with pytest.raises(ValueError, match="serialize_as"):
+        qk.NF4Config(serialize_as="gguf")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['block_size'\]"):
+        qk.NF4Config.from_dict({"quant_method": "qlora_kernels", "block_size": 64})
+    cfg = qk.NF4Config.from_dict(qk.NF4Config(blocksize=128, compute_dtype=torch.float16).to_dict())
+    assert cfg.blocksize == 128 and cfg.compute_dtype == torch.float16
+
+
+def test_unknown_quant_method_in_a_checkpoint(dense, tmp_path):
+    import json
+    import shutil
+
+    path, _ = dense
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "qlora_kernels_v9", "blocksize": 64}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    # (transformers itself only warns about an unknown method and loads the model unquantized: its choice)
+    with pytest.raises(qk.CheckpointError, match=r"config.json.*qlora_kernels_v9"):
+        qk.load_pretrained(bad, device="cpu", verbose=False, progress=False)
+
+
+def test_old_transformers_gets_a_clear_error(monkeypatch):
+    from qlora_kernels.integrations import transformers as integration
+
+    import sys
+
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.1")
+    with pytest.raises(ImportError, match=r"transformers >= 5.0.*found transformers 4.57.1"):
+        integration._require_transformers()
+
+
+def test_import_registers_without_importing_transformers(dense):
+    """`import qlora_kernels` does not import transformers (~8 s for its quantizer registry); the config is
+    registered when transformers loads it, so from_pretrained of a saved NF4 model needs no config."""
+    import subprocess
+    import sys
+
+    path, _ = dense
+    code = (
+        "import sys, qlora_kernels\n"
+        "assert 'transformers.quantizers.auto' not in sys.modules, 'imported by qlora_kernels'\n"
+        "import transformers, warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "from qlora_kernels.integrations.transformers import NF4Config\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(path)!r},\n"
+        "    quantization_config=NF4Config(), dtype='auto')\n"
+        "print(type(m.model.layers[0].mlp.up_proj).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "NF4Linear"
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_host_memory_bound(tmp_path):
+    """As qk.load_pretrained (tests/test_checkpoint.py): peak anonymous memory during from_pretrained <= 1.15 x
+    (final model bytes + the largest checkpoint tensor), i.e. one full-precision tensor at a time. The baseline
+    is taken after a first load of a tiny model (transformers' one-time imports and loader state)."""
+    import gc
+    import threading
+    import time
+
+    from qlora_kernels.model import model_memory
+
+    path = tmp_path / "mid"
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
+               num_key_value_heads=6, vocab_size=1024, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).save_pretrained(path)  # float32
+    largest = 384 * 1024 * 4
+    assert sum(f.stat().st_size for f in path.glob("*.safetensors")) > 20e6
+    small = tmp_path / "small"
+    transformers.LlamaForCausalLM(tiny_config()).save_pretrained(small)
+    nf4(small)  # transformers' loader imports and caches, once
+    gc.collect()
+    base, peak, stop = _rss_anon(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_anon())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        model = nf4(path)
+    finally:
+        stop.set()
+        sampler.join()
+    peak[0] = max(peak[0], _rss_anon())
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 28
+    bound = 1.15 * (model_memory(model) + largest)
+    assert peak[0] - base <= bound, f"peak {peak[0] - base} bytes above baseline, bound {bound:.0f}"

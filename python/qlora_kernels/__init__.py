@@ -59,3 +59,17 @@ __all__ += ["shard_model", "full_state_dict", "save_sharded", "load_sharded", "l
 from .integrations import peft as _peft_integration  # noqa: E402
 
 _peft_integration.install()
+
+# --- transformers: NF4Config (quant_method "qlora_kernels"), registered when transformers' quantizers load ---
+from .integrations import install_transformers_hook as _install_transformers_hook  # noqa: E402
+
+_install_transformers_hook()  # NF4Config stays out of __all__: `import *` must not need transformers
+
+
+def __getattr__(name):
+    if name == "NF4Config":  # needs transformers >= 5: imported on first use (ImportError saying so otherwise)
+        from .integrations.transformers import NF4Config, register
+
+        register()
+        return NF4Config
+    raise AttributeError(f"module 'qlora_kernels' has no attribute {name!r}")

@@ -56,15 +56,18 @@ def _read_json(file: Path) -> dict:
 
 
 def _quant_config(config_file: Path, config: dict) -> Optional[dict]:
-    """The bitsandbytes 4-bit NF4 quantization_config of config.json, None for a plain checkpoint."""
+    """The NF4 quantization_config of config.json (bitsandbytes 4-bit nf4, or qlora_kernels' NF4Config: both
+    store the Linear4bit keys), None for a plain checkpoint."""
     qc = config.get("quantization_config")
     if qc is None:
         return None
     method = qc.get("quant_method")
+    if method == "qlora_kernels":  # NF4Config's save_pretrained: the tensors say the rest (quant state per layer)
+        return qc
     if method != "bitsandbytes":
         raise CheckpointError(
             f"{config_file}: quantization_config.quant_method={method!r} is not supported "
-            "(only 'bitsandbytes' 4-bit nf4 checkpoints, or plain unquantized ones)"
+            "(only 'bitsandbytes' 4-bit nf4 or 'qlora_kernels' checkpoints, or plain unquantized ones)"
         )
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
         raise CheckpointError(f"{config_file}: a bitsandbytes 8-bit (LLM.int8) checkpoint is not supported, only 4-bit nf4")
