@@ -30,7 +30,7 @@ from .nf4_tile import nf4_w_tile, perm_k
 
 
 @triton.jit
-def _tile_expert(offsets_ptr, t, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+def _tile_expert(offsets_ptr, t, E, T, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
     """(expert, first row of the tile, the expert's end row) of M-tile t; expert >= E past the last tile."""
     idx = tl.arange(0, E_PAD)
     lo = tl.load(offsets_ptr + idx, mask=idx < E, other=0)
@@ -42,7 +42,9 @@ def _tile_expert(offsets_ptr, t, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
     first_tile = tl.sum(tl.where(mine, end - tiles, 0), 0)
     row0 = tl.sum(tl.where(mine, lo, 0), 0) + (t - first_tile).to(tl.int64) * BLOCK_M
     row_end = tl.sum(tl.where(mine, hi, 0), 0)
-    return e, row0, row_end
+    # offsets that break the contract (the op's device assert reports them asynchronously) must not make the
+    # kernel touch rows outside [0, T): loads clamp to [row0, T - 1], stores and LoRA loads stop at row_end
+    return e, tl.maximum(row0, 0), tl.minimum(row_end, T)
 
 
 @triton.jit
@@ -70,7 +72,7 @@ def _nf4_grouped_linear_kernel(
 ):
     ACT: tl.constexpr = y_ptr.dtype.element_ty
     t, pid_n = _grouped_pid(tl.program_id(0), MAX_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
-    e, row0, row_end = _tile_expert(offsets_ptr, t, E, BLOCK_M, E_PAD)
+    e, row0, row_end = _tile_expert(offsets_ptr, t, E, T, BLOCK_M, E_PAD)
     if e >= E:
         return
     # expert e's weight: its own packed bytes, scales, nested scales and offset (a Linear weight's layout)
@@ -123,7 +125,7 @@ def _nf4_grouped_dx_kernel(
 ):
     ACT: tl.constexpr = dx_ptr.dtype.element_ty
     t, pid_k = _grouped_pid(tl.program_id(0), MAX_TILES, tl.cdiv(K, BLOCK_K), GROUP_M)
-    e, row0, row_end = _tile_expert(offsets_ptr, t, E, BLOCK_M, E_PAD)
+    e, row0, row_end = _tile_expert(offsets_ptr, t, E, T, BLOCK_M, E_PAD)
     if e >= E:
         return
     e64 = e.to(tl.int64)
