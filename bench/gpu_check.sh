@@ -5,6 +5,9 @@
 #   bash bench/gpu_check.sh                       the whole check
 #   bash bench/gpu_check.sh --rerun NODE [NODE..] facts, install check (a build only if none is usable), then
 #                                                 those pytest node ids in one process (minutes)
+# On the lent device machine: `bash bench/prepare_gpu_wheels.sh` here first, then run `bash bench/gpu_check.sh`
+# with carry [".whl"] and timeout_s 600 (the steps take <= 540 s, plus ~10 s of untimed glue). With the machine's
+# start that is ~11-12 of the session's 15 device minutes: what is left serves one --rerun on the warm machine.
 #
 # Order: facts -> preflight (GPU, nvcc, compute-sanitizer) -> build (CUDA required, sm_90 only; the package goes
 # to a private prefix, never into the current environment) -> assert (native_cuda, 90 in cuda_archs, Triton on
