@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", message=".*native extension _C not available.*
 
 from qlora_kernels import load_adapter, prepare_model, save_adapter  # noqa: E402
 from qlora_kernels.model import qlora_modules  # noqa: E402
+from bnb_oracle import assert_not_repacked  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -106,9 +107,13 @@ def test_ours_to_peft_on_bitsandbytes_base(tmp_path):
                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     bnb_base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=qcfg,
                                                              device_map="cpu", dtype=torch.float32)
-    peft_bnb = peft.PeftModel.from_pretrained(bnb_base, tmp_path / "adapter").eval()
+    # train mode keeps bitsandbytes on its standard path (dequantize + torch's linear in float32): in eval its
+    # forward repacks to a bf16 kernel on AVX512-BF16 CPUs. in_features 64 and 128 are whole blocks, where its
+    # AVX-512 and scalar dequantize both follow the format (tests/bnb_oracle.py); dropout is 0, so no randomness
+    peft_bnb = peft.PeftModel.from_pretrained(bnb_base, tmp_path / "adapter").train()
     peft64 = peft.PeftModel.from_pretrained(dequantized_base(model).double(), tmp_path / "adapter").eval()
     assert_derived(logits(model), logits(peft_bnb), logits(peft64))
+    assert_not_repacked(peft_bnb)
 
 
 @pytest.mark.parametrize("rslora", [False, True])

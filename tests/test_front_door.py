@@ -257,8 +257,12 @@ def test_transformers_bnb_model_with_bf16_quant_storage(tmp_path):
                                                               dtype=torch.float32)
     assert bnb_model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     ids = torch.randint(0, VOCAB, (2, 8))
+    # bitsandbytes' model by the format's definition: its own eval forward would repack the weights on an
+    # AVX512-BF16 CPU, and its AVX-512 dequantize is wrong for rows shorter than a block (tests/bnb_oracle.py)
+    from bnb_oracle import dense_copy
+
     with torch.no_grad():
-        before = bnb_model(ids).logits
+        before = dense_copy(bnb_model)(ids).logits
     report = prepare_model(bnb_model, r=4, verbose=False)
     assert len(report.replaced) == 14
     with torch.no_grad():

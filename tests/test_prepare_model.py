@@ -146,6 +146,70 @@ def test_prepare_bitsandbytes_quantized_model(tmp_path):
         torch.testing.assert_close(bnb_model(ids).logits, ours(ids).logits, rtol=0, atol=0)
 
 
+def _bnb_llama(tmp_path):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path)
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=qcfg, device_map="cpu",
+                                                             dtype=torch.float32)
+
+
+def _snapshot(model):
+    return {n: (type(m), m.training, [(k, p.requires_grad, p.data_ptr()) for k, p in m.named_parameters(recurse=False)])
+            for n, m in model.named_modules()}
+
+
+def test_prepare_refuses_a_layer_bitsandbytes_repacked_and_changes_nothing(tmp_path):
+    """One layer repacked as Linear4bit.forward does on an AVX512-BF16 CPU (here on any CPU: the conversion is
+    pure torch), the last target prepare_model reaches: it raises naming that layer, before any change."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bnb_oracle import repack_like_bnb_forward
+
+    from qlora_kernels import BnbRepackedError
+
+    bnb_model = _bnb_llama(tmp_path)
+    repack_like_bnb_forward(bnb_model.model.layers[1].mlp.down_proj)
+    before = _snapshot(bnb_model)
+    with pytest.raises(BnbRepackedError, match=r"model\.layers\.1\.mlp\.down_proj: bitsandbytes repacked this layer "
+                       r"for its CPU kernel during an inference forward.*qlora_kernels\.load_pretrained.*train mode"):
+        prepare_model(bnb_model, r=4, verbose=False)
+    assert _snapshot(bnb_model) == before
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in bnb_model.modules()) == 14
+    prepare_model(bnb_model, r=4, verbose=False, exclude_modules=["down_proj"])  # the others are intact
+    assert len(qlora_modules(bnb_model)) == 12
+
+
+def _bnb_repacks_here() -> bool:
+    """bitsandbytes 0.50.2's Linear4bit.forward repacks in eval mode without grad where this is true (cpuid)."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+@pytest.mark.skipif(not _bnb_repacks_here(), reason="bitsandbytes repacks in Linear4bit.forward only on CPUs with "
+                    "AVX512-BF16 (test_prepare_refuses_a_layer_bitsandbytes_repacked covers it on every CPU)")
+def test_prepare_after_a_real_bitsandbytes_eval_forward(tmp_path):
+    """The user's path on an AVX512-BF16 CPU: an eval forward without grad repacks every layer (refused); the way
+    out the error names, a train-mode forward before prepare_model, keeps the layers and prepares them."""
+    from qlora_kernels import BnbRepackedError
+
+    ids = torch.randint(0, 64, (2, 8))
+    bnb_model = _bnb_llama(tmp_path / "a")
+    with torch.no_grad():
+        bnb_model.eval()(ids)
+    with pytest.raises(BnbRepackedError, match=r"model\.layers\.0\.self_attn\.q_proj: bitsandbytes repacked"):
+        prepare_model(bnb_model, r=4, verbose=False)
+    bnb_model = _bnb_llama(tmp_path / "b")
+    with torch.no_grad():
+        bnb_model.train()(ids)
+    assert len(prepare_model(bnb_model, r=4, verbose=False).replaced) == 14
+
+
 def test_command_line_usage_and_info(capsys):
     from qlora_kernels.__main__ import main
 

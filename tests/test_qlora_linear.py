@@ -14,14 +14,19 @@ warnings.filterwarnings("ignore", message=".*native extension _C not available.*
 
 from qlora_kernels import QLoRALinear, quantize_nf4  # noqa: E402
 from qlora_kernels.memory import saved_for_backward_bytes  # noqa: E402
+from qlora_kernels.nn import BnbRepackedError, nf4_weight_from_bnb  # noqa: E402
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
+from bnb_oracle import bnb_scales, dequantize_bnb, repack_like_bnb_forward  # noqa: E402
+
 
 def make_linear(n=48, k=192, bias=True, dtype=torch.float32, seed=0):
-    # K a multiple of the blocksize: bitsandbytes 0.50.2's CPU nf4 dequantize kernel restarts blocks at each
+    # K a multiple of the blocksize: bitsandbytes 0.50.2's AVX-512 CPU nf4 dequantize restarts blocks at each
     # row (the format's blocks run over the flat weight), so it disagrees with the format when K % 64 != 0.
+    # Its Linear4bit layers here stay on its standard path on every CPU: train mode (nn.Module's default) or
+    # inputs that require grad; its eval forward without grad repacks them on AVX512-BF16 CPUs (bnb_oracle.py).
     torch.manual_seed(seed)
     return nn.Linear(k, n, bias=bias).to(dtype)
 
@@ -144,6 +149,89 @@ def test_from_bnb_shares_the_nf4_tensors():
     fp4 = bnb.nn.Linear4bit(192, 48, quant_type="fp4").to("cpu")
     with pytest.raises(ValueError, match=r"only nf4"):
         QLoRALinear.from_bnb(fp4)
+
+
+# ---------------------------------------------------------- layers bitsandbytes repacked for its CPU kernel
+def _bnb4(n, k, double_quant, storage=torch.uint8):
+    b4 = bnb.nn.Linear4bit(k, n, bias=True, compress_statistics=double_quant, quant_type="nf4",
+                           compute_dtype=torch.float32, quant_storage=storage)
+    b4.load_state_dict(make_linear(n=n, k=k).state_dict())
+    return b4.to("cpu")  # bitsandbytes quantizes here
+
+
+def _takeovers():
+    """Every function that takes a bitsandbytes layer over (prepare_model: test_prepare_model.py)."""
+    from qlora_kernels import nn as qnn
+
+    out = [nf4_weight_from_bnb, QLoRALinear.from_bnb]
+    return out + [qnn.NF4Linear.from_bnb] if hasattr(qnn, "NF4Linear") else out
+
+
+REPACKED = r"Linear4bit\(out_features=64, in_features=192\): bitsandbytes repacked this layer for its CPU kernel " \
+           r"during an inference forward \(eval mode, no grad, on a CPU with AVX512-BF16\).*load_pretrained.*train mode"
+
+
+@pytest.mark.parametrize("converted_back", [False, True], ids=["repacked", "converted-back"])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nodq", "dq"])
+def test_from_bnb_refuses_a_layer_bitsandbytes_repacked(double_quant, storage, converted_back):
+    """The layer as Linear4bit.forward leaves it on an AVX512-BF16 CPU (repacked here on any CPU), and after
+    bitsandbytes converted its layout back (its state_dict() does): the scales were re-rounded to bf16 either
+    way, so every take-over refuses it, naming the layer, the cause and the ways out."""
+    b4 = _bnb4(64, 192, double_quant, storage)
+    scales = bnb_scales(b4.weight.quant_state).clone()
+    repack_like_bnb_forward(b4)
+    qs = b4.weight.quant_state
+    assert qs.packing_format_for_cpu and qs.absmax.dtype == torch.bfloat16 and not qs.nested
+    if converted_back:
+        b4.state_dict()
+        assert not qs.packing_format_for_cpu and qs.nested == double_quant
+        if double_quant:  # re-quantized from the bf16-rounded scales: would pass every format check, wrongly
+            assert qs.absmax.dtype == torch.uint8 and not torch.equal(bnb_scales(qs), scales)
+    what = "converted back to the standard layout" if converted_back else "packing_format_for_cpu is set"
+    for take_over in _takeovers():
+        with pytest.raises(BnbRepackedError, match=REPACKED) as err:
+            take_over(b4)
+        assert what in str(err.value) and isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nodq", "dq"])
+@pytest.mark.parametrize("n, k, fails_at", [(64, 96, "invalid for input of size"), (48, 192, "divisible by block_n")])
+def test_from_bnb_after_bitsandbytes_failed_to_repack(n, k, fails_at, double_quant):
+    """bitsandbytes' eval forward crashes on an AVX512-BF16 CPU when its repack cannot lay the weight out:
+    in_features % blocksize != 0 fails after the nested scales were dequantized and dropped (refused: their
+    codes are gone); out_features % 32 != 0 fails before any change (taken over: the bytes and scales are the
+    original ones, checked against the format's definition)."""
+    b4 = _bnb4(n, k, double_quant)
+    packed, want = b4.weight.data.clone(), dequantize_bnb(b4)
+    with pytest.raises((RuntimeError, AssertionError), match=fails_at):
+        repack_like_bnb_forward(b4)
+    if double_quant and k % 64:
+        assert not b4.weight.quant_state.nested
+        for take_over in _takeovers():
+            with pytest.raises(BnbRepackedError, match="failed half-way"):
+                take_over(b4)
+        return
+    for take_over in _takeovers():
+        got = take_over(b4)
+        got = getattr(got, "weight", got)
+        assert torch.equal(got.packed.view(-1), packed.view(-1)) and torch.equal(got.dequantize(), want)
+
+
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(),
+                    reason="bitsandbytes repacks in Linear4bit.forward only on CPUs with AVX512-BF16")
+def test_repack_helper_is_what_bitsandbytes_forward_does():
+    """Where bitsandbytes' own eval forward repacks, it leaves the layer as repack_like_bnb_forward does (the
+    helper the tests above use on every CPU), and the take-over refuses it."""
+    ours, theirs = _bnb4(64, 192, True), _bnb4(64, 192, True)
+    repack_like_bnb_forward(ours)
+    with torch.no_grad():
+        theirs.eval()(torch.randn(2, 192))
+    a, b = ours.weight.quant_state, theirs.weight.quant_state
+    assert torch.equal(ours.weight.data, theirs.weight.data) and torch.equal(a.absmax, b.absmax)
+    assert (a.packing_format_for_cpu, a.nested, a.dtype) == (b.packing_format_for_cpu, b.nested, b.dtype)
+    with pytest.raises(BnbRepackedError, match=REPACKED):
+        QLoRALinear.from_bnb(theirs)
 
 
 def test_to_dtype_keeps_the_format():

@@ -31,12 +31,13 @@ __all__ = [
 
 # --- training layer (autograd, nn modules, model preparation, adapters) ---
 from .autograd import NF4LinearFunction, QLoRALinearFunction, qlora_linear  # noqa: E402
-from .nn import NF4Linear, QLoRALinear  # noqa: E402
+from .nn import BnbRepackedError, NF4Linear, QLoRALinear  # noqa: E402
 from .model import PrepareReport, merge_and_unload, prepare_model  # noqa: E402
 from .adapters import load_adapter, save_adapter  # noqa: E402
 
 __all__ += ["QLoRALinearFunction", "NF4LinearFunction", "qlora_linear", "NF4Linear", "QLoRALinear", "prepare_model",
             "PrepareReport", "merge_and_unload", "save_adapter", "load_adapter"]
+__all__ += ["BnbRepackedError"]  # a bitsandbytes layer repacked by bitsandbytes for its CPU kernel: see nn.py
 
 # --- big models: streaming load / save of Hugging Face checkpoints, memory planner ---
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained  # noqa: E402

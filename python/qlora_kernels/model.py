@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._format import FLOAT_DTYPES, all_finite, check_blocksize
-from .nn import QLoRALinear, check_lora_args
+from .nn import QLoRALinear, check_bnb_layer, check_lora_args
 
 __all__ = ["prepare_model", "PrepareReport", "find_target_modules", "qlora_modules", "model_memory",
            "count_parameters", "merge_and_unload", "unwrap_model"]
@@ -211,6 +211,7 @@ def _check_target(name: str, module: nn.Module) -> None:
         qtype = qs.quant_type if qs is not None else getattr(module.weight, "quant_type", "nf4")
         if qtype != "nf4":
             raise ValueError(f"{name}: only nf4 Linear4bit layers are supported, got quant_type={qtype!r}")
+        check_bnb_layer(module, name)  # repacked by bitsandbytes for its CPU kernel: refused before any change
         return
     w = module.weight
     if w.dtype not in FLOAT_DTYPES:

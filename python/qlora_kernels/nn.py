@@ -331,8 +331,59 @@ class QLoRALinear(NF4Linear):
                 f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g} ({scale}), dropout={self.dropout:g}")
 
 
-def nf4_weight_from_bnb(layer) -> NF4Weight:
-    """The NF4Weight of a bitsandbytes Linear4bit (or Params4bit), sharing its tensors."""
+class BnbRepackedError(ValueError):
+    """A bitsandbytes Linear4bit whose NF4 bytes and scales bitsandbytes itself changed for its CPU kernel, so the
+    original ones are gone (see `check_bnb_layer`)."""
+
+
+def check_bnb_layer(layer, name: Optional[str] = None) -> None:
+    """Refuse a bitsandbytes Linear4bit (or Params4bit) that bitsandbytes repacked for its CPU kernel.
+
+    bitsandbytes 0.50.2's `Linear4bit.forward`, on a CPU with AVX512-BF16 (`bitsandbytes.functional.
+    has_avx512bf16()`), in eval mode, with an input that does not require grad, converts the weight in place
+    (`_convert_weight_packed_for_cpu`): the codes go to a private layout, the scales are re-rounded to bfloat16
+    and double-quantized scales are dequantized and dropped; it marks the quant state with
+    `packing_format_for_cpu = True`. Its `state_dict()`, `.cuda()` and `.xpu()` convert the layout back
+    (`packing_format_for_cpu = False`) but keep the bfloat16-rounded scales. Either way the original scales
+    cannot be rebuilt, and taking the layer over with other numbers would silently change the model: this
+    raises `BnbRepackedError` (a ValueError) naming the layer, the cause and the ways out.
+
+    A forward that crashed in the conversion (in_features % blocksize != 0, out_features % 32 != 0) marks the
+    state with `original_*` attributes only; it is refused when it had already dropped the nested scales, and
+    accepted when nothing else changed (its bytes and scales are the original ones).
+    """
+    param = getattr(layer, "weight", layer)
+    qs = getattr(param, "quant_state", None)
+    if qs is None:
+        return
+    repacked = getattr(qs, "packing_format_for_cpu", None)  # QuantState raises AttributeError when never set
+    half_done = repacked is None and hasattr(qs, "original_nested") and bool(qs.original_nested) != bool(qs.nested)
+    if repacked is None and not half_done:
+        return
+    what = name or f"Linear4bit(out_features={qs.shape[0]}, in_features={qs.shape[1]})"
+    if repacked:
+        state = ("its weight is in bitsandbytes' private CPU layout (quant_state.packing_format_for_cpu is set) "
+                 "and its scales were re-rounded to bfloat16")
+    elif repacked is not None:
+        state = ("it was converted back to the standard layout (by its state_dict(), .cuda() or .xpu()), but its "
+                 "scales stay re-rounded to bfloat16")
+    else:
+        state = ("the conversion failed half-way (in_features % blocksize != 0) after dropping its "
+                 "double-quantized scales")
+    raise BnbRepackedError(
+        f"{what}: bitsandbytes repacked this layer for its CPU kernel during an inference forward (eval mode, no "
+        f"grad, on a CPU with AVX512-BF16); {state}, so its original NF4 scales are gone and it cannot be taken "
+        f"over exactly. Ways out: load the checkpoint with qlora_kernels.load_pretrained(path) instead of "
+        f"transformers + bitsandbytes, or reload the bitsandbytes model and prepare it before any eval forward "
+        f"(keep it in train mode, or run forwards with inputs that require grad, until it is prepared)"
+    )
+
+
+def nf4_weight_from_bnb(layer, name: Optional[str] = None) -> NF4Weight:
+    """The NF4Weight of a bitsandbytes Linear4bit (or Params4bit), sharing its tensors. `name` (the module's
+    path) only names it in errors. A layer bitsandbytes repacked for its CPU kernel raises BnbRepackedError
+    (`check_bnb_layer`): every way of taking a bitsandbytes layer over comes through here."""
+    check_bnb_layer(layer, name)
     param = getattr(layer, "weight", layer)
     quant_state = getattr(param, "quant_state", None)
     if quant_state is None:  # not quantized yet: bitsandbytes would quantize on .to(device); same bits here
