@@ -2,9 +2,10 @@
 
 bitsandbytes 0.50.2's CPU kernels are not its format's definition everywhere (DESIGN.md section 2):
 - its CPU `dequantize_4bit` (libbitsandbytes_cpu `dequantizeBlockwise4bitCpu`, reached by `dequantize_4bit`,
-  `matmul_4bit` and `Linear4bit.forward` alike) has an AVX-512 branch that restarts the blocks at every row: it
-  is wrong for blocks that straddle rows (in_features % blocksize != 0), where its scalar branch (AVX2 builds)
-  is right. Its pure-torch fallback (odd in_features, blocksize >= 2048 under AVX-512) is right too.
+  `matmul_4bit` and `Linear4bit.forward` alike) picks at run time an AVX-512 branch (cpuid AVX512F, in_features
+  % 16 == 0, blocksize >= 16) that restarts the blocks at every row: wrong for blocks that straddle rows
+  (in_features % blocksize != 0). Its scalar branch (AVX2 CPUs) and its pure-torch fallback (odd in_features,
+  blocksize >= 2048 under AVX-512) follow the format.
 - `Linear4bit.forward` on a CPU where `bitsandbytes.functional.has_avx512bf16()` (cpuid AVX512-BF16), in eval
   mode, with an input that does not require grad, repacks the weight for its bf16 kernel
   (`_convert_weight_packed_for_cpu`: private layout, scales re-rounded to bfloat16, nested scales dropped).

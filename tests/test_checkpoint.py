@@ -154,7 +154,7 @@ def test_bnb_checkpoint_matches_transformers_bitsandbytes(ckpts, name):
         assert torch.equal(layer.weight_packed.view(-1), stored[lname + ".weight"].view(torch.uint8).view(-1))
         assert torch.equal(layer.weight_absmax, stored[lname + ".weight.absmax"])
         # the format's definition from bitsandbytes' quant state, not its CPU dequantize: that one is wrong for
-        # blocks straddling rows (down_proj, in_features 96) on AVX-512 builds (tests/bnb_oracle.py)
+        # blocks straddling rows (down_proj, in_features 96) on AVX-512 CPUs (tests/bnb_oracle.py)
         assert torch.equal(layer.weight.dequantize(torch.float32), dequantize_bnb(ref.get_submodule(lname)))
     assert type(ours.lm_head) is torch.nn.Linear  # dense in the file, dense here
     with torch.no_grad():  # bitsandbytes' model by the definition: its eval forward repacks on AVX512-BF16 CPUs

@@ -51,7 +51,7 @@ def _bnb_quantize(w, blocksize, double_quant):
 
 def _bnb_dequantize_exact(q, st):
     """The format's definition from bitsandbytes' bytes and quant state (tests/bnb_oracle.py): its native CPU
-    dequantize is wrong on AVX-512 builds when blocks straddle rows, so it is no oracle on every CPU."""
+    dequantize is wrong on AVX-512 CPUs when blocks straddle rows, so it is no oracle on every CPU."""
     return dequantize_bnb(q, st)
 
 
