@@ -34,10 +34,12 @@ from .autograd import NF4LinearFunction, QLoRALinearFunction, qlora_linear  # no
 from .nn import BnbRepackedError, NF4Linear, QLoRALinear  # noqa: E402
 from .model import PrepareReport, merge_and_unload, prepare_model  # noqa: E402
 from .adapters import load_adapter, save_adapter  # noqa: E402
+from .experts import GroupedQLoRAFunction, NF4Experts  # noqa: E402  (MoE experts: __all__ below)
 
 __all__ += ["QLoRALinearFunction", "NF4LinearFunction", "qlora_linear", "NF4Linear", "QLoRALinear", "prepare_model",
             "PrepareReport", "merge_and_unload", "save_adapter", "load_adapter"]
 __all__ += ["BnbRepackedError"]  # a bitsandbytes layer repacked by bitsandbytes for its CPU kernel: see nn.py
+__all__ += ["NF4Experts", "GroupedQLoRAFunction"]
 
 # --- big models: streaming load / save of Hugging Face checkpoints, memory planner ---
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained  # noqa: E402

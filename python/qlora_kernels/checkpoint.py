@@ -299,6 +299,12 @@ def load_pretrained(
 
 def _stream_into(model, reader: _Reader, quant_config, device, opts, show_progress) -> PrepareReport:
     keys = list(reader.key_files)
+    from .experts import experts_modules, load_experts, replace_for_loading, source_keys
+
+    try:  # MoE: target experts modules become NF4Experts, filled one expert matrix at a time below
+        expert_sources = replace_for_loading(model, keys, opts, device)
+    except ValueError as exc:
+        raise CheckpointError(f"{sorted({str(f) for f in reader.key_files.values()})[:2]}: {exc}") from None
     slots = _param_slots(model)
     modules = dict(model.named_modules())
     quantized_in_file = {k[: -len(".weight." + QUANT_STATE_KEY)] for k in keys
@@ -331,11 +337,17 @@ def _stream_into(model, reader: _Reader, quant_config, device, opts, show_progre
         name = _linear_of(key)
         if name in linear_names:
             owner[key] = name
+    for path, sources in expert_sources.items():
+        for key in source_keys(sources):
+            owner[key] = path
     items = {}
     for key in sorted(keys, key=lambda k: (str(reader.key_files[k]), k)):
         items.setdefault(owner.get(key, key), []).append(key)
 
-    unexpected = [k for k in keys if k not in owner and k not in slots]
+    # Mixtral checkpoints name the MoE block block_sparse_moe (transformers renames it to mlp on load)
+    renamed = {k: k.replace(".block_sparse_moe.", ".mlp.") for k in keys
+               if ".block_sparse_moe." in k and k not in slots and k.replace(".block_sparse_moe.", ".mlp.") in slots}
+    unexpected = [k for k in keys if k not in owner and k not in slots and k not in renamed]
     if unexpected:
         import warnings
 
@@ -353,12 +365,20 @@ def _stream_into(model, reader: _Reader, quant_config, device, opts, show_progre
             _load_linear(model, modules, slots, reader, item, item_keys, item in targets, device, opts)
             if item in targets:
                 replaced.append(item)
-        elif item in slots:
+        elif item in expert_sources:
+            try:
+                load_experts(model.get_submodule(item), item, expert_sources[item], reader.get,
+                             lambda k, e: reader._handles[reader.key_files[k]].get_slice(k)[e], device,
+                             opts["blocksize"], opts["double_quant"])
+            except ValueError as exc:
+                raise CheckpointError(f"{reader.key_files[item_keys[0]]}: {exc}") from None
+            replaced.append(item)
+        elif item in slots or item in renamed:
             t = reader.get(item)
             # copy=True: safetensors may hand out tensors over its memory map of the file; the model must own
             # its memory (the file may be overwritten later, e.g. by save_pretrained to the same directory)
             t = t.to(device=device, dtype=opts["compute_dtype"] if t.is_floating_point() else t.dtype, copy=True)
-            _set_tensor(slots, item, t, reader.key_files[item])
+            _set_tensor(slots, renamed.get(item, item), t, reader.key_files[item])
             del t
         for k in item_keys:
             bar.update(reader.nbytes(k))
@@ -383,17 +403,24 @@ def _stream_into(model, reader: _Reader, quant_config, device, opts, show_progre
     for m in layers.values():
         m.lora_A.weight.requires_grad_(True)
         m.lora_B.weight.requires_grad_(True)
+    expert_weights = [w for e in experts_modules(model).values() for w in e.projections.values()]
+    for w in expert_weights:
+        if w.lora_A is not None:
+            w.lora_A.requires_grad_(True)
+            w.lora_B.requires_grad_(True)
     report = PrepareReport(r=opts["r"], alpha=float(opts["alpha"]))
-    nf4_elems = sum(m.in_features * m.out_features for m in layers.values())
+    nf4_elems = sum(m.in_features * m.out_features for m in layers.values()) + sum(w.numel for w in expert_weights)
     report.replaced = [n for n in find_order(model) if n in set(replaced)]
     report.quantized_params = nf4_elems
     report.params_after = count_parameters(model)
     report.params_before = report.params_after - sum(
-        m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in layers.values())
+        m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in layers.values()) - sum(
+        w.lora_A.numel() + w.lora_B.numel() for w in expert_weights if w.lora_A is not None)
     report.bytes_before = report.params_before * torch.empty((), dtype=opts["compute_dtype"]).element_size()
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.bytes_after = model_memory(model)
-    report.bits_per_param = 8.0 * sum(m.weight.nbytes for m in layers.values()) / max(1, nf4_elems)
+    report.bits_per_param = 8.0 * (sum(m.weight.nbytes for m in layers.values())
+                                   + sum(w.nbytes for w in expert_weights)) / max(1, nf4_elems)
     return report
 
 
@@ -568,12 +595,16 @@ def save_pretrained(
     root = Path(path)
     config = _config_dict(model)
     layers = qlora_modules(model)
+    from .experts import experts_modules
+
+    experts = experts_modules(model)
     if merge_adapters:
         dtype = dtype or torch.bfloat16
-    if not layers and not merge_adapters:
+    if not layers and not experts and not merge_adapters:
         raise ValueError("model has no QLoRALinear layers: prepare it (prepare_model / load_pretrained) first")
     groups, seen, dense_linear = [], {}, []
-    double = {m.weight.double_quant for m in layers.values()}
+    double = {m.weight.double_quant for m in layers.values()} | {
+        w.weight_nested_absmax is not None for e in experts.values() for w in e.projections.values()}
     if len(double) > 1:
         raise ValueError("save_pretrained: some layers are double-quantized and some not; bitsandbytes' "
                          "quantization_config holds one bnb_4bit_use_double_quant for all")
@@ -592,7 +623,19 @@ def save_pretrained(
                               b.numel() * (dtype.itemsize if merge_adapters else b.element_size())))
             groups.append(group)
             continue
-        if _inside_qlora(name, layers):
+        if name in experts:  # MoE: the model's fused 3-D keys (merged, dense) or NF4 per expert (package format)
+            for p, w in module.projections.items():
+                if merge_adapters:
+                    groups.append([(prefix + p, lambda w=w: w.dense(dtype, merge=True), w.numel * dtype.itemsize)])
+                else:
+                    groups.append([(k, lambda t=t: t, t.numel() * t.element_size())
+                                   for k, t in w.nf4_state_dict(prefix + p + ".").items()])
+                if module.has_bias:
+                    b = getattr(module, p + "_bias")
+                    groups.append([(prefix + p + "_bias", (lambda b=b: b.to(dtype)) if merge_adapters else (lambda b=b: b),
+                                    b.numel() * (dtype.itemsize if merge_adapters else b.element_size()))])
+            continue
+        if _inside_qlora(name, layers) or _inside_qlora(name, experts):
             continue
         if isinstance(module, nn.Linear):
             dense_linear.append(name)

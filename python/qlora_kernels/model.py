@@ -148,7 +148,14 @@ def count_parameters(model: nn.Module) -> int:
     for p in model.parameters():
         qs = getattr(p, "quant_state", None)
         total += math.prod(qs.shape) if qs is not None else p.numel()
-    return total + sum(m.in_features * m.out_features for m in qlora_modules(model).values())
+    return total + sum(m.in_features * m.out_features for m in qlora_modules(model).values()) + sum(
+        w.numel for e in _experts(model).values() for w in e.projections.values())
+
+
+def _experts(model: nn.Module) -> dict:
+    from .experts import experts_modules  # experts.py builds on nn.py and this module's helpers
+
+    return experts_modules(model)
 
 
 def model_memory(model: nn.Module) -> int:
@@ -250,8 +257,15 @@ def prepare_model(
     adapter_dtype: Optional[torch.dtype] = torch.float32,
     verbose: bool = True,
     progress: Optional[bool] = None,
+    target_parameters: Optional[Iterable[str]] = None,
 ) -> PrepareReport:
     """Replace matching nn.Linear (and bitsandbytes Linear4bit) modules of `model` with QLoRALinear, in place.
+
+    Mixture-of-experts models: fused 3-D expert weights (transformers' `*Experts` modules) become NF4Experts
+    (experts.py: NF4 per expert, per-expert LoRA in PEFT's ParamWrapper layout) when "all-linear" is asked
+    (they are the big matmuls), when a name / regex in target_modules matches the experts module, or when
+    `target_parameters` names them as PEFT's LoraConfig does ("mlp.experts.gate_up_proj": a full
+    "<module path>.<parameter>" or its suffix after a dot; target_modules=[] then adapts no Linear).
 
     Every parameter is frozen except the LoRA adapters (and the replaced layers' biases when `train_bias`).
     The base weights are quantized to NF4 on their current device (bitsandbytes Linear4bit weights are taken
@@ -279,9 +293,22 @@ def prepare_model(
     for name, flag in (("double_quant", double_quant), ("use_rslora", use_rslora), ("train_bias", train_bias)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
-    names = find_target_modules(model, target_modules, exclude_modules)
+    from .experts import check_experts, replace_experts, select_experts
+
+    expert_targets = select_experts(model, target_modules, target_parameters, exclude_modules)
+    if target_parameters is not None and not isinstance(target_modules, str) and not list(target_modules):
+        names = []  # PEFT's target_modules=[] with target_parameters: experts only
+    else:
+        try:
+            names = find_target_modules(model, target_modules, exclude_modules)
+        except ValueError:
+            if not expert_targets:
+                raise
+            names = []  # the target matched experts modules only
     for name in names:
         _check_target(name, model.get_submodule(name))
+    for name in expert_targets:
+        check_experts(name, model.get_submodule(name))
     earlier = qlora_modules(model)
     if earlier:
         kept = {(m.r, m.lora_alpha, m.use_rslora) for m in earlier.values()}
@@ -320,15 +347,22 @@ def prepare_model(
         setattr(parent, child, new)
         del old
     bar.close()
+    replace_experts(model, expert_targets, expert_targets, r=r, alpha=alpha, use_rslora=use_rslora,
+                    blocksize=blocksize, double_quant=double_quant, adapter_dtype=adapter_dtype)
     layers = qlora_modules(model)
     for name, m in layers.items():  # the freeze above covered adapters of layers prepared earlier too
         m.lora_A.weight.requires_grad_(True)
         m.lora_B.weight.requires_grad_(True)
         if name in earlier_bias:
             m.bias.requires_grad_(earlier_bias[name])
-    nf4_elems = sum(m.in_features * m.out_features for m in layers.values())
-    nf4_bytes = sum(m.weight.nbytes for m in layers.values())
-    report.replaced = names
+    expert_weights = [w for e in _experts(model).values() for w in e.projections.values()]
+    for w in expert_weights:
+        if w.lora_A is not None:
+            w.lora_A.requires_grad_(True)
+            w.lora_B.requires_grad_(True)
+    nf4_elems = sum(m.in_features * m.out_features for m in layers.values()) + sum(w.numel for w in expert_weights)
+    nf4_bytes = sum(m.weight.nbytes for m in layers.values()) + sum(w.nbytes for w in expert_weights)
+    report.replaced = names + list(expert_targets)
     report.quantized_params = nf4_elems
     report.params_after = count_parameters(model)
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -347,12 +381,17 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None, prog
     new Linear weights are frozen (requires_grad False); a bias keeps its trainability and is cast to `dtype`.
     This is the deployment path after training (like PEFT's merge_and_unload); it materializes every weight
     in `dtype`. Returns the model (the unwrapped module under torch.compile / DDP wrappers).
+    NF4Experts become the model's own experts class again, with deq(W_e) + s * B_e @ A_e per expert.
     """
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be torch.float32, float16, bfloat16 or None, got {dtype!r}")
     model = unwrap_model(model)
     names = [n for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
-    if not names:
+    experts = _experts(model)
+    for name, module in experts.items():  # NF4Experts -> the model's own experts class, dense
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.unquantized(dtype))
+    if not names and not experts:
         raise ValueError(f"{type(model).__name__} has no QLoRALinear layer to merge")
     from tqdm.auto import tqdm
 
