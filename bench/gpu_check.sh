@@ -228,7 +228,9 @@ if (( ${#RERUN[@]} )); then
   group rerun "$GCAP_fused" "${RERUN[@]}"
 else
   # the fused-kernel tests first (the longest: Triton compiles), beside the other groups, which run one at a time
-  group fused "$GCAP_fused" "${XDIST[@]}" tests/test_triton_gpu.py tests/test_decode_cuda_gpu.py &
+  # (test_triton_grouped.py runs its kernels on the GPU when there is one; its static SASS test is not a GPU test)
+  group fused "$GCAP_fused" "${XDIST[@]}" tests/test_triton_gpu.py tests/test_decode_cuda_gpu.py \
+    tests/test_triton_grouped.py --deselect tests/test_triton_grouped.py::test_grouped_kernels_compile_for_sm80_and_sm90 &
   FUSED_PID=$!
   group native "$GCAP_native" -m gpu tests/test_native.py tests/test_optim.py
   group stress "$GCAP_stress" tests/test_gpu_stress.py -k "not over_free"
