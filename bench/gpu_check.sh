@@ -16,7 +16,9 @@
 # Triton kernels, racecheck + synccheck on the native ones) -> bench_linear (its JSON rewritten after each
 # case) -> the test that asks for more managed memory than is free (after everything else: the guard in
 # optim/paged.py must refuse it; if the guard were broken it could hang the GPU) -> summary (bench/gpu_summary.py).
-# Any failure, timeout or skip other than the known multi-GPU ones makes the exit code non-zero.
+# Any failure, timeout or skip other than the known multi-GPU ones makes the exit code non-zero. Exit codes:
+# 0 shown correct; 1 a step or test failed / unexpected skip / sanitizer error; 2 no GPU (not forced);
+# 3 preflight: something missing (named); 4 no build and no usable prebuilt wheel; 5 the install fails its asserts.
 #
 # Carried in .whl/ (bench/prepare_gpu_wheels.sh makes them here): bitsandbytes (bench rows bnb+peft) and a
 # prebuilt sm_90 qlora_kernels wheel, installed only when the build here fails (its Python files are then
