@@ -1,6 +1,6 @@
 """The fused Triton kernels' main loops, read from their sm_90 / sm_80 SASS, and a static performance model.
 
-    python -m bench.sass_report [--out DIR] [--caps 90,80] [--jobs N] [--quick] [--save [TAG]]
+    python -m bench.sass_report [--out DIR] [--caps 90,80] [--jobs N] [--quick] [--grouped] [--save [TAG]]
     python -m bench.sass_report --from bench/results/sass-sm90.json      (re-model and print a saved report)
 
 No GPU needed: every Triton kernel is compiled with `triton.compile(..., target=GPUTarget("cuda", cap, 32))`
@@ -8,7 +8,9 @@ at the configuration the dispatcher picks for each benchmark shape (the real lau
 tensors with recorders in place of the kernels; the recorded arguments become the signature, specialized
 as Triton's JIT would). Cases: bf16 and fp16, blocksize 64, double quant on and off; forward and dx at
 M in {512, 4096}, decode at M in {1, 16}; N = K in {4096, 8192}; sm_90 and sm_80 (--quick: sm_90, bf16,
-double quant, N = K = 4096 only).
+double quant, N = K = 4096 only). --grouped: only the grouped MoE kernels (gfwd / gdx, grouped_cases: E = 8
+experts of 4096 x 4096 with 4096 rows, and Qwen3-30B-A3B's expert shapes; in the model the rows are spread
+evenly over the experts).
 
 Writes, under --out (default bench/results/sass/):
 - `<kernel>-sm<cap>-<case>.sass` for every compiled kernel;
@@ -411,8 +413,9 @@ def table(records: list[dict]) -> str:
         mod = (f"{m['issue_us']:8.1f}{m['tensor_us']:8.1f}{m['memory_us']:8.1f}{m.get('ctas_per_sm', 0):>4}{m['bound']:>13}"
                f"{m['roofline_fraction']:6.2f}"
                if m else "")
+        nk = f"{r['N']}" if r.get("E", 1) == 1 else f" {r['N']}x{r['K']}/E{r['E']}"  # grouped: N x K per expert
         lines.append(
-            f"{r['kernel']:<7}{r['cap']:>3} {SHORT_DTYPE.get(r['dtype'], r['dtype']):<6}{'y' if r['double_quant'] else 'n':<3}{r['M']:>5}{r['N']:>6} "
+            f"{r['kernel']:<7}{r['cap']:>3} {SHORT_DTYPE.get(r['dtype'], r['dtype']):<6}{'y' if r['double_quant'] else 'n':<3}{r['M']:>5}{nk:>6} "
             f"{tiles:<14}{c['num_warps']:>2}{c['num_stages']:>2} {r['loop_instructions']:>5}"
             f"{r['weights_per_thread_per_iteration']:>6}{ipw:>6}{npw:>9}{r['global_loads_16B']:>4}{r['shared_bytes']:>7}"
             f"{r['registers']:>5}{r['spills']:>6} {mod}")
@@ -434,6 +437,8 @@ def main(argv=None) -> None:
     ap.add_argument("--caps", default="90,80")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--grouped", action="store_true",
+                    help="only the grouped MoE kernels' cases (GROUPED_SHAPES); --save writes sass-grouped-sm<cap>.json")
     ap.add_argument("--from", dest="from_json", default=None, metavar="JSON",
                     help="recompute the model and print the table of a saved report instead of compiling")
     ap.add_argument("--save", nargs="?", const="", default=None, metavar="TAG",
@@ -463,7 +468,7 @@ def main(argv=None) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     caps = tuple(int(c) for c in a.caps.split(","))
-    records = run(cases(a.quick, caps), str(out), a.jobs)
+    records = run(grouped_cases(a.quick, caps) if a.grouped else cases(a.quick, caps), str(out), a.jobs)
     (out / "sass_report.json").write_text(json.dumps(records, indent=1))
     print(table(records))
     for cap in caps:
@@ -473,7 +478,8 @@ def main(argv=None) -> None:
     print(f"wrote {out / 'sass_report.json'} and {len(records)} .sass files")
     if a.save is not None:
         for cap in caps:
-            dest = ROOT / "bench" / "results" / f"sass-sm{cap}{'-' + a.save if a.save else ''}.json"
+            kind = "sass-grouped" if a.grouped else "sass"
+            dest = ROOT / "bench" / "results" / f"{kind}-sm{cap}{'-' + a.save if a.save else ''}.json"
             dest.write_text(json.dumps([r for r in records if r["cap"] == cap], indent=1))
             print(f"wrote {dest}")
 
