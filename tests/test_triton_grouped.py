@@ -190,6 +190,14 @@ def test_ops_take_the_triton_path(triton_backend, monkeypatch):
     torch.testing.assert_close(dx, torch.ops.qlora.nf4_grouped_linear_dx(dy, *args, u, a, S), rtol=1e-4, atol=1e-5)
 
 
+def test_launchers_check_their_arguments():
+    x, dy, offsets, wts, (u, b, a) = make([3, 0, 9, 1], 32, 64, 64, True, 4, torch.float32)
+    with pytest.raises(ValueError, match="offsets must be 1-D"):
+        nf4_grouped_linear_triton(x, offsets[:-1], *wts, 32, 64, 64, u, b, S)
+    with pytest.raises(ValueError, match="lora_a must be"):
+        nf4_grouped_linear_dx_triton(dy, offsets, *wts, 32, 64, 64, u, b, S)
+
+
 def test_opcheck_and_compile_on_the_triton_path(triton_backend):
     x, dy, offsets, wts, (u, b, a) = make([3, 0, 9, 1], 32, 64, 64, True, 4, torch.float32)
     args = (offsets, *wts, 32, 64, 64)

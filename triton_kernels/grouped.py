@@ -168,8 +168,10 @@ def max_tiles(T: int, E: int, block_m: int) -> int:
     return T // block_m + min(E, T)
 
 
-def _prepare(x, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lora_u, lora_v, dx):
-    E = check_grouped(x, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lora_u, lora_v, dx=dx)
+def _prepare(x, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lora_u, lora_v, dx, validate):
+    if validate:
+        check_grouped(x, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lora_u, lora_v, dx=dx)
+    E = packed.shape[0]
     if x.stride(1) != 1 and x.numel():
         x = x.contiguous()
     packed, absmax, offsets = packed.contiguous(), absmax.contiguous(), offsets.contiguous()
@@ -198,15 +200,17 @@ def nf4_grouped_linear_triton(
     scaling: float = 1.0,
     *,
     config: Optional[LaunchConfig] = None,
+    validate: bool = True,
 ) -> Tensor:
     """Grouped NF4 forward, one launch: y [T, N] in x.dtype (what qlora::nf4_grouped_linear runs on CUDA).
 
     x [T, K] f16/bf16/f32 sorted by expert, offsets int64 [E+1]; packed uint8 [E, N*K/2], absmax [E, nb] (float32,
     or uint8 with nested_absmax float32 [E, ceil(nb/256)] and offset float32 [E]); lora_u [T, r], lora_b [E, N, r].
+    validate=False skips the argument checks (the op has made them: _grouped_ops.check_grouped).
     """
     N, K = out_features, in_features
     E, x, offsets, packed, absmax, nested_absmax, offset = _prepare(
-        x, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lora_u, lora_b, False)
+        x, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lora_u, lora_b, False, validate)
     T = x.shape[0]
     y = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T == 0 or N == 0:
@@ -249,14 +253,15 @@ def nf4_grouped_linear_dx_triton(
     scaling: float = 1.0,
     *,
     config: Optional[LaunchConfig] = None,
+    validate: bool = True,
 ) -> Tensor:
     """Grouped NF4 input gradient, one launch: dx [T, K] in dy.dtype (qlora::nf4_grouped_linear_dx on CUDA).
 
     dy [T, N] sorted by expert, offsets int64 [E+1], the weight tensors as the forward, lora_g [T, r] and
-    lora_a [E, r, K]."""
+    lora_a [E, r, K]; validate as the forward."""
     N, K = out_features, in_features
     E, dy, offsets, packed, absmax, nested_absmax, offset = _prepare(
-        dy, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lora_g, lora_a, True)
+        dy, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lora_g, lora_a, True, validate)
     T = dy.shape[0]
     dx = torch.empty(T, K, dtype=dy.dtype, device=dy.device)
     if T == 0 or K == 0:

@@ -201,7 +201,8 @@ def _run(x, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lor
         from .triton_kernels.grouped import nf4_grouped_linear_dx_triton, nf4_grouped_linear_triton
 
         fn = nf4_grouped_linear_dx_triton if dx else nf4_grouped_linear_triton
-        return fn(x, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lora_u, lora_v, scaling)
+        return fn(x, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lora_u, lora_v, scaling,
+                  validate=False)  # checked above
     if path == "native":
         return _grouped_native(x, offsets, packed, absmax, nested_absmax, offset, N, K, blocksize, lora_u, lora_v,
                                scaling, dx)
