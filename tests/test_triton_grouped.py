@@ -239,8 +239,10 @@ print("RESULTS " + json.dumps(run(json.loads(sys.argv[2]), jobs=int(os.environ.g
 
 # sm_90, bf16, double quant, blocksize 64, the E = 8 x 4096 x 4096 case: the grouped kernels' main loops are
 # the dense kernels' plus a few instructions (sass_report under triton 3.9: gfwd 4.83 vs fwd 4.82 per weight,
-# gdx 5.16 vs dx 5.09); the limits keep them there. Measured on triton >= 3.9 only (the PERM_K tiles).
+# gdx 5.16 vs dx 5.09); the limits keep them there. Below triton 3.9 (no PERM_K; same tiles) under triton 3.6.0:
+# gfwd 5.37, gdx 5.72 (the dense kernels' one-block tiles there: 5.62-5.69, 5.69-5.70).
 MAX_INSTR_PER_WEIGHT = {"gfwd": 4.9, "gdx": 5.2}
+MAX_INSTR_PER_WEIGHT_LEGACY = {"gfwd": 5.45, "gdx": 5.8}
 SMEM_LIMIT = {80: 166912, 90: 232448}
 
 
@@ -272,9 +274,9 @@ def test_grouped_kernels_compile_for_sm80_and_sm90():
         if aligned and (not r["global_loads_16B"] or r["narrow_global_loads_per_weight"] > 0.1):
             problems.append(f"{name}: packed words not on 16-byte loads: {r['memory']}")
         bench = (r["cap"], r["E"], r["N"], r["K"], r["dtype"], r["double_quant"]) == (90, 8, 4096, 4096, "bfloat16", True)
-        if bench and perm_k_supported() and r["instructions_per_weight"] > MAX_INSTR_PER_WEIGHT[r["kernel"]]:
-            problems.append(f"{name}: {r['instructions_per_weight']:.2f} instructions per weight > "
-                            f"{MAX_INSTR_PER_WEIGHT[r['kernel']]}")
+        limit = (MAX_INSTR_PER_WEIGHT if perm_k_supported() else MAX_INSTR_PER_WEIGHT_LEGACY)[r["kernel"]]
+        if bench and r["instructions_per_weight"] > limit:
+            problems.append(f"{name}: {r['instructions_per_weight']:.2f} instructions per weight > {limit}")
     print("\n".join(lines))
     assert not problems, "\n".join(problems + lines)
 

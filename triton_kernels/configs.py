@@ -74,7 +74,7 @@ HEURISTICS: dict[tuple, LaunchConfig] = {
     ("decode", 8, 16): _C(16, 128, 128, 1, 4, 3),  # 4.6 per weight (16x128x64: 5.6)
     # grouped MoE kernels (grouped.py; "gfwd" / "gdx", one entry per capability: the rows per expert vary
     # within a launch): the dense kernels' 64-row tiles (wgmma on sm_90, one warpgroup; a 128-row tile would
-    # waste half a tile more per expert on ragged groups) with their two-block K width.
+    # waste half a tile more per expert on ragged groups) with their two-block K width (on every triton).
     ("gfwd", 9, None): _C(64, 128, 128, 8, 4, 3),
     ("gdx", 9, None): _C(64, 64, 128, 8, 4, 4),
     ("gfwd", 8, None): _C(64, 128, 128, 8, 8, 3),
@@ -104,10 +104,9 @@ LEGACY_HEURISTICS: dict[tuple, LaunchConfig] = {
     ("dx", 8, 1024): _C(128, 64, 64, 8, 8, 3),
     ("dx", 8, None): _C(128, 64, 64, 8, 8, 3),
     ("decode", 8, 16): _C(16, 128, 64, 1, 4, 3),
-    ("gfwd", 9, None): _C(64, 128, 64, 8, 4, 4),
-    ("gdx", 9, None): _C(64, 64, 64, 8, 4, 4),
-    ("gfwd", 8, None): _C(64, 128, 64, 8, 8, 3),
-    ("gdx", 8, None): _C(64, 64, 64, 8, 4, 3),
+    # (no grouped entries: under triton 3.6.0 the two-block tiles above, without PERM_K, beat one-block ones:
+    # sm_90 gfwd 5.37 vs 5.72 instructions per weight (64x128x64), gdx 5.72 vs 6.97 (64x64x64); sm_80 gfwd
+    # 12.28 vs 12.81, gdx 9.70 vs 12.94; bench/sass_report.py counts)
 }
 
 
