@@ -255,21 +255,36 @@ def test_several_adapters_set_adapter_and_disable():
 
 
 # ------------------------------------------------------------------------------ PEFT's training helpers
-def test_prepare_model_for_kbit_training_leaves_nf4_untouched():
+@pytest.mark.parametrize("loaded_in_4bit", [False, True])
+def test_prepare_model_for_kbit_training_leaves_nf4_untouched(loaded_in_4bit):
+    """PEFT's generic path: it freezes, upcasts bf16 parameters (embeddings, norms, head: as on a bitsandbytes
+    model) and never touches the NF4 codes and scales (buffers of integer / float32 dtype). Gradient
+    checkpointing and input grads follow `is_loaded_in_4bit`, which NF4Config's quantizer sets (as
+    bitsandbytes' does); with it, checkpointed training gives the same gradients bit for bit."""
     model = nf4_llama(dtype=torch.bfloat16)
+    if loaded_in_4bit:
+        model.is_loaded_in_4bit = True
     nf4 = {n: [t.clone() for t in m._nf4_tensors() if t is not None]
            for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    assert model.is_gradient_checkpointing == loaded_in_4bit
     for n, m in model.named_modules():
         if isinstance(m, NF4Linear):
             now = [t for t in m._nf4_tensors() if t is not None]
             assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(now, nf4[n])), n
             assert m.weight_dtype == torch.bfloat16
-    pm = peft.get_peft_model(model, peft.LoraConfig(target_modules="all-linear", **CFG)).train()
+    cfg = peft.LoraConfig(target_modules="all-linear", init_lora_weights=False, **CFG)
+    pm = peft.get_peft_model(model, cfg).train()
     loss = pm(IDS, labels=IDS).loss
     assert loss.requires_grad
     loss.backward()
-    assert all(p.grad is not None for p in pm.parameters() if p.requires_grad)
+    grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    assert len(grads) == 2 * N_LINEAR and all(g is not None for g in grads.values())
+    if loaded_in_4bit:  # the same step without checkpointing
+        pm.base_model.model.gradient_checkpointing_disable()
+        pm.zero_grad(set_to_none=True)
+        pm(IDS, labels=IDS).loss.backward()
+        assert all(torch.equal(p.grad, grads[n]) for n, p in pm.named_parameters() if p.requires_grad)
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -352,3 +367,43 @@ def test_adapters_cross_with_bitsandbytes(tmp_path, direction):
     # both hold the same NF4 bits (quantize_nf4 is bitsandbytes-identical) and run bf16 activations
     assert_derived(logits(ours.eval()), _bnb_logits(bnb), logits(ref64.eval()), dtype=dtype)
     assert_derived(_bnb_logits(bnb), logits(ours.eval()), logits(ref64.eval()), dtype=dtype)
+
+
+def test_bias_all_trains_the_nf4_bias():
+    """bias="all": the NF4Linear's bias becomes trainable and gets its gradient from the fused Function."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))
+    nf4 = nn.Sequential(NF4Linear.from_linear(dense[0]), nn.GELU(), NF4Linear.from_linear(dense[2]))
+    cfg = peft.LoraConfig(target_modules=["0", "2"], bias="all", init_lora_weights=False, **CFG)
+    pm = peft.get_peft_model(nf4, cfg)
+    ref = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).double()
+    with torch.no_grad():
+        for i in (0, 2):
+            ref[i].weight.copy_(nf4[i].base_layer.weight.dequantize(torch.float32))
+            ref[i].bias.copy_(nf4[i].base_layer.bias)
+    ref64 = peft_on(ref, cfg, lora_state(pm))
+    ref32 = copy.deepcopy(ref64).float()
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for key, m in (("ours", pm), ("p32", ref32), ("p64", ref64)):
+        m((x.double() if key == "p64" else x)).square().sum().backward()
+        grads[key] = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert sum(n.endswith("bias") for n in grads["ours"]) == 2 and grads["ours"].keys() == grads["p64"].keys()
+    for n, g in grads["ours"].items():
+        assert_derived(g, grads["p32"][n], grads["p64"][n], what=n)
+
+
+def test_import_registers_without_importing_peft():
+    """`import qlora_kernels` does not import peft (it pulls transformers: seconds); importing peft afterwards
+    puts the hooks in place, so get_peft_model works with no other call."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, qlora_kernels as qk\n"
+            "assert 'peft' not in sys.modules\n"
+            "import peft\n"
+            "m = torch.nn.Sequential(qk.NF4Linear.from_linear(torch.nn.Linear(64, 64)), torch.nn.LayerNorm(64))\n"
+            "pm = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=['0']))\n"
+            "print(type(pm.base_model.model[0]).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("LoraNF4Linear"), out.stderr[-2000:]

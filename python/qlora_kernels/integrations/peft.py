@@ -18,7 +18,18 @@ LoraNF4Linear keeps PEFT's layout (`base_layer`, `lora_A` / `lora_B` ModuleDicts
 so saving, loading, several adapters, `set_adapter`, `disable_adapter()` and `modules_to_save` are PEFT's own
 code. The first active adapter runs fused; further active adapters are added in plain torch. Merging builds
 a dense nn.Linear holding deq(W) + sum s * B @ A computed in float32 and rounded once to the base's dtype (as
-`qlora_kernels.merge_and_unload`); unmerging puts the untouched NF4 base back (no requantization).
+`qlora_kernels.merge_and_unload`); unmerging puts the untouched NF4 base back (no requantization). While
+merged, the NF4 base is held aside outside the module tree: `.to()` on a merged model does not move it.
+
+`peft.prepare_model_for_kbit_training` on a model with NF4Linear layers (tested in test_peft_integration.py):
+- the NF4 codes and scales are never cast: they are uint8 / float32 tensors, and PEFT casts only float16 /
+  bfloat16 parameters;
+- it upcasts every other float16 / bfloat16 parameter (embeddings, norms, lm_head, NF4Linear biases) to
+  float32, as on a bitsandbytes model. Activations leaving a float32 RMSNorm are float32, and the fused layer
+  computes in its input's dtype (bitsandbytes casts to its compute_dtype instead), so without autocast the
+  layers then run in float32: train under autocast (Trainer's bf16=True) to keep bf16 compute;
+- gradient checkpointing and input grads are turned on only when `model.is_loaded_in_4bit` is set (NF4Config's
+  quantizer sets it, as bitsandbytes' does); otherwise call `model.gradient_checkpointing_enable()`.
 """
 
 from __future__ import annotations
