@@ -1,5 +1,6 @@
 """One QLoRA layer's forward + backward, and a small model's training step, side by side with
-bitsandbytes Linear4bit + PEFT LoRA and with PEFT LoRA on an unquantized base.
+bitsandbytes Linear4bit + PEFT LoRA and with PEFT LoRA on an unquantized base; "peft on qlora_kernels" is PEFT's
+own wrapper (get_peft_model) on this package's NF4Linear bases (the same fused kernels, through PEFT's layer).
 
 Per row: median, p20 and p80 ms (harness.time_cases: the same warm-up and repetitions for every implementation,
 taking turns on a CPU), bytes saved for backward (unique storages seen by torch.autograd.graph.saved_tensors_hooks
@@ -71,6 +72,17 @@ def peft_wrap(model: nn.Module, targets, r, alpha, dtype):
     return model
 
 
+def nf4_linears(model: nn.Module, targets=None) -> nn.Module:
+    """Every nn.Linear named in `targets` (all when None) replaced by an NF4Linear (no adapters), in place."""
+    from qlora_kernels import NF4Linear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and (targets is None or name.rsplit(".", 1)[-1] in targets):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, NF4Linear.from_linear(mod))
+    return model
+
+
 def adapters_to(model: nn.Module, dtype) -> nn.Module:
     """Our LoRA A and B in `dtype`, as peft_wrap puts PEFT's (whatever the package's default adapter dtype)."""
     for n, p in model.named_parameters():
@@ -90,6 +102,12 @@ def layer_impls(n, k, r, dtype, device):
         impls["bnb+peft"] = peft_wrap(Wrap(to_bnb4bit(lin, dtype, device)), ["lin"], r, r, dtype)
     except Exception as exc:  # bitsandbytes / peft missing or unsupported on this device
         print(f"  (bitsandbytes + PEFT skipped: {exc})")
+    import qlora_kernels  # noqa: F401  (registers the PEFT layer for NF4Linear)
+    from qlora_kernels import NF4Linear
+
+    alone = Wrap(NF4Linear.from_linear(lin))
+    alone.hf_device_map = {"": device}  # PEFT reads the device off the first parameter; this model has none
+    impls["peft on qlora_kernels"] = peft_wrap(alone, ["lin"], r, r, dtype)
     dense = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
     dense.weight.data.copy_(lin.weight.data)
     impls["peft lora, dense base"] = peft_wrap(Wrap(dense), ["lin"], r, r, dtype)
@@ -148,6 +166,8 @@ def model_impls(device, dtype, r):
         impls["bnb+peft"] = peft_wrap(bnb_model, LLAMA_TARGETS, r, r, dtype)
     except Exception as exc:
         print(f"  (bitsandbytes + PEFT skipped: {exc})")
+    impls["peft on qlora_kernels"] = peft_wrap(nf4_linears(tiny_llama(device, dtype), LLAMA_TARGETS), LLAMA_TARGETS,
+                                               r, r, dtype)
     impls["peft lora, dense base"] = peft_wrap(tiny_llama(device, dtype), LLAMA_TARGETS, r, r, dtype)
     return impls
 

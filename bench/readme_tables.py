@@ -129,12 +129,13 @@ def layer_section(data: dict) -> list[str]:
         "Cells: median (p20-p80) ms, and how it compares with bitsandbytes + PEFT (\"within noise\" when the "
         "p20-p80 ranges overlap).",
         "",
-        "| case | qlora_kernels | bitsandbytes + PEFT | PEFT LoRA on a dense base |",
-        "|---|---|---|---|",
+        "| case | qlora_kernels | PEFT on qlora_kernels (get_peft_model on NF4Linear) | bitsandbytes + PEFT "
+        "| PEFT LoRA on a dense base |",
+        "|---|---|---|---|---|",
     ]
     for case in cases:
         cells = []
-        for impl in ("qlora_kernels", "bnb+peft", "peft lora, dense base"):
+        for impl in ("qlora_kernels", "peft on qlora_kernels", "bnb+peft", "peft lora, dense base"):
             r = find(case, impl)
             if r is None:
                 cells.append("not run")
