@@ -139,15 +139,15 @@ def reference(original, prepared, dtype):
 def test_logits_and_gradients_vs_float64(kind):
     """Logits, the expert LoRA gradients and the input-embedding gradient (dx through both projections) vs
     a float64 reference with the dequantized experts, same routing; tolerance: 2x / 4x float32 PyTorch's."""
-    original = make_model(kind)
-    model = copy.deepcopy(original)
+    model = make_model(kind)
     qk.prepare_model(model, target_modules=[], target_parameters=expert_params(model), r=R, alpha=ALPHA,
                      verbose=False)
     randomize_lora(model)
     model.get_input_embeddings().weight.requires_grad_(True)  # its gradient is dx through every layer
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(3))
     probe = torch.randn(2, 11, 96, generator=torch.Generator().manual_seed(4))
-    refs = {dt: reference(original, model, dt) for dt in (torch.float64, torch.float32)}
+    base = dense_base(model)  # the prepared model's own weights, dense (Linear layers NF4 or not)
+    refs = {dt: reference(base, model, dt) for dt in (torch.float64, torch.float32)}
     out = model(ids).logits
     (out.double() * probe).sum().backward()
     res = {}

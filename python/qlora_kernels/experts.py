@@ -52,8 +52,20 @@ def _grouped_ops():
     return g
 
 
-def _per_expert(offsets: Tensor) -> list:
-    """Row counts per expert (one host sync; the LoRA factors and the loop fallback run per expert)."""
+def _symbolic(t: Tensor) -> bool:
+    """A tensor without values (meta, or a FakeTensor: the planner's simulation, torch.compile tracing)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
+
+
+def _per_expert(offsets: Tensor, rows: int) -> list:
+    """Row counts per expert (one host sync; the LoRA factors and the loop fallback run per expert). Offsets
+    without values (the planner's fake run) count as an even split of the `rows`: the tensors' sizes depend on
+    the total only."""
+    if _symbolic(offsets):
+        e = offsets.shape[0] - 1
+        return [rows // e + (1 if i < rows % e else 0) for i in range(e)]
     return torch.diff(offsets).tolist()
 
 
@@ -131,7 +143,7 @@ class GroupedQLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, offsets, packed, absmax, nested_absmax, offset, lora_A, lora_B, out_features,
                 in_features, blocksize, scaling):
-        counts = _per_expert(offsets)
+        counts = _per_expert(offsets, x.shape[0])
         u = b = None
         if lora_A is not None:
             b = lora_B.to(x.dtype)
@@ -406,8 +418,9 @@ class NF4ExpertWeight(nn.Module):
                     moved = fn(t)
                     t = moved if moved.dtype == t.dtype else t.to(moved.device)
                 self._buffers[n] = t
-        if isinstance(self._buffers.get("weight_packed"), Tensor):
-            prepare_device(self._buffers["weight_packed"].device)
+        packed = self._buffers.get("weight_packed")
+        if isinstance(packed, Tensor) and packed.device.type != "meta":
+            prepare_device(packed.device)
         return self
 
     # state dict: the stacked NF4 tensors under `<param>.weight*` keys, with a JSON quant state
@@ -519,6 +532,7 @@ class NF4Experts(nn.Module):
             param = experts._parameters[p]
             if param.device.type == "meta":  # load_pretrained fills it expert by expert
                 mod = _empty_expert_weight(param.shape[0], *layout["weights"][p], transposed=self.is_transposed,
+                                           device="meta",
                                            dtype=param.dtype, blocksize=blocksize, double_quant=double_quant,
                                            **lora)
             else:
@@ -572,10 +586,12 @@ class NF4Experts(nn.Module):
         weights = top_k_weights.reshape(-1)
         ids, perm = torch.sort(expert_ids, stable=True)
         # ids >= num_experts (transformers' expert-parallel sentinel) route nowhere: their rows get no output
-        counts = torch.bincount(ids.clamp(max=self.num_experts), minlength=self.num_experts + 1)[:self.num_experts]
+        # a static-shape count (bincount's size depends on the values): also runs on fake tensors
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=ids.device).scatter_add_(
+            0, ids.clamp(max=self.num_experts), torch.ones_like(ids))[:self.num_experts]
         offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=ids.device)
         torch.cumsum(counts, 0, out=offsets[1:])
-        routed = int(offsets[-1])
+        routed = ids.numel() if _symbolic(offsets) else int(offsets[-1])
         if routed != ids.numel():
             ids, perm = ids[:routed], perm[:routed]
         x = hidden_states[perm // k]
@@ -601,14 +617,15 @@ class NF4Experts(nn.Module):
         return f"num_experts={self.num_experts}, from {self.source_class}, has_bias={self.has_bias}"
 
 
-def _empty_expert_weight(num_experts, n_out, k_in, *, transposed, dtype, blocksize, double_quant, **lora):
-    """An NF4ExpertWeight with zero buffers of the right shapes, filled expert by expert by the loader."""
+def _empty_expert_weight(num_experts, n_out, k_in, *, transposed, dtype, blocksize, double_quant, device, **lora):
+    """An NF4ExpertWeight with buffers of the right shapes on `device` (meta: the planner's model, and the
+    loader's skeleton, which `to_empty` then fills expert by expert)."""
     n = n_out * k_in
     nb = num_blocks(n, blocksize)
-    packed = torch.zeros(num_experts, (n + 1) // 2, dtype=torch.uint8)
-    absmax = torch.zeros(num_experts, nb, dtype=torch.uint8 if double_quant else torch.float32)
-    nested = torch.zeros(num_experts, num_blocks(nb, NESTED_BLOCKSIZE)) if double_quant else None
-    offset = torch.zeros(num_experts) if double_quant else None
+    packed = torch.empty(num_experts, (n + 1) // 2, dtype=torch.uint8, device=device)
+    absmax = torch.empty(num_experts, nb, dtype=torch.uint8 if double_quant else torch.float32, device=device)
+    nested = torch.empty(num_experts, num_blocks(nb, NESTED_BLOCKSIZE), device=device) if double_quant else None
+    offset = torch.empty(num_experts, device=device) if double_quant else None
     return NF4ExpertWeight(num_experts, n_out, k_in, transposed=transposed, dtype=dtype, blocksize=blocksize,
                            packed=packed, absmax=absmax, nested_absmax=nested, offset=offset, **lora)
 
@@ -796,8 +813,9 @@ def replace_for_loading(model: nn.Module, keys, opts: dict, device) -> dict:
     out = {}
     for path in targets:
         module = model.get_submodule(path)
-        for w in module.projections.values():
-            w.to(device)
+        for w in module.projections.values():  # every byte of the buffers is written by load_experts
+            w.to_empty(device=device)
+            w.reset_lora_parameters()
         out[path] = checkpoint_keys(path, module, keys)
     return out
 
