@@ -407,3 +407,30 @@ def test_import_registers_without_importing_peft():
             "print(type(pm.base_model.model[0]).__name__)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("LoraNF4Linear"), out.stderr[-2000:]
+
+
+def test_from_pretrained_with_nf4config_then_peft(tmp_path):
+    """The Hugging Face path: from_pretrained(quantization_config=qk.NF4Config) gives NF4Linear layers, and
+    PEFT's calls on it run the fused op for the targets (the rest NF4 without adapters); the adapter reloads."""
+    if not hasattr(qk, "NF4Config"):
+        pytest.skip("qlora_kernels.NF4Config is not in this tree")
+    tiny_llama().save_pretrained(tmp_path / "base")
+
+    def load():
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=qk.NF4Config(compute_dtype=torch.bfloat16), dtype=torch.bfloat16)
+
+    model = peft.prepare_model_for_kbit_training(load())
+    pm = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "v_proj"], **CFG)).train()
+    randomize(pm)
+    with OpCount() as ops:
+        loss = pm(IDS, labels=IDS).loss
+    assert ops.count("nf4_linear", lora=True) == 4 and ops.count("nf4_linear", lora=False) == N_LINEAR - 4
+    # checkpointing is on (is_loaded_in_4bit): backward recomputes each forward once; PEFT's
+    # enable_input_require_grads makes the embedding output require grad, so all 14 layers compute dx
+    with OpCount() as ops:
+        loss.backward()
+    assert ops.count("nf4_linear", lora=True) == 4 and ops.count("nf4_linear_dx") == N_LINEAR
+    pm.save_pretrained(tmp_path / "adapter")
+    again = peft.PeftModel.from_pretrained(peft.prepare_model_for_kbit_training(load()), tmp_path / "adapter")
+    torch.testing.assert_close(logits(again.eval()), logits(pm.eval()), rtol=0, atol=0)
