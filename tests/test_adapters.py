@@ -17,7 +17,7 @@ from torch import nn
 warnings.filterwarnings("ignore", message=".*native extension _C not available.*")
 
 from qlora_kernels import load_adapter, prepare_model, save_adapter  # noqa: E402
-from qlora_kernels.model import qlora_modules  # noqa: E402
+from qlora_kernels.model import nf4_modules, qlora_modules  # noqa: E402
 from bnb_oracle import assert_not_repacked  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -41,10 +41,11 @@ def dequantized_base(model):
     """A plain Llama whose Linear weights are exactly our dequantized NF4 weights (for exact comparisons)."""
     base = tiny_llama()
     with torch.no_grad():
+        nf4 = nf4_modules(model)  # with adapters or without (quantize="all-linear": every Linear but the head)
         for name, p in base.named_parameters():
-            if not any(name.startswith(n + ".") for n in qlora_modules(model)):
+            if not any(name.startswith(n + ".") for n in nf4):
                 p.copy_(model.get_parameter(name))
-        for name, m in qlora_modules(model).items():
+        for name, m in nf4.items():
             base.get_submodule(name).weight.copy_(m.weight.dequantize(torch.float32))
             if m.bias is not None:
                 base.get_submodule(name).bias.copy_(m.bias)

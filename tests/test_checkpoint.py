@@ -127,7 +127,8 @@ def test_tied_embeddings_stay_tied(ckpts):
 
 def test_options_and_report(ckpts):
     model, report = load(ckpts["plain"], target_modules=["q_proj", "v_proj"], r=2, alpha=8, blocksize=128,
-                         double_quant=False, compute_dtype=torch.bfloat16, return_report=True)
+                         double_quant=False, compute_dtype=torch.bfloat16, return_report=True,
+                         quantize="targets")  # the other Linear layers dense, in the compute dtype
     layers = qlora_modules(model)
     assert sorted(layers) == sorted(report.replaced) and len(layers) == 4
     for layer in layers.values():

@@ -31,7 +31,9 @@ def test_nf4linear_matches_qlora_linear_with_zero_adapters():
     ref = quantize_nf4(lin.weight.detach())
     for a, b in zip(base.weight.tensors(), ref.tensors()):
         assert torch.equal(a, b)
-    assert [n for n, _ in base.named_parameters()] == ["bias"] and not base.bias.requires_grad
+    # the codes and scales are frozen uint8 parameters by rows (what FSDP2's fully_shard shards), then the bias
+    assert [n for n, _ in base.named_parameters()] == ["weight_packed", "weight_absmax", "bias"]
+    assert not any(p.requires_grad for p in base.parameters())
     base.bias.requires_grad_(True)
     lora.bias.requires_grad_(True)
     x = torch.randn(3, 5, 192, dtype=torch.bfloat16)
@@ -389,3 +391,103 @@ def test_host_memory_bound(tmp_path):
     assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 28
     bound = 1.15 * (model_memory(model) + largest)
     assert peak[0] - base <= bound, f"peak {peak[0] - base} bytes above baseline, bound {bound:.0f}"
+
+
+# ==================================================== quantization targets apart from the LoRA targets (item 5)
+def kinds(model, layer=0):
+    return {n.rsplit(".", 1)[1]: type(m).__name__ for n, m in model.named_modules()
+            if n.startswith(f"model.layers.{layer}.") and n.endswith("_proj")}
+
+
+ALL_NF4 = {"q_proj": "QLoRALinear", "k_proj": "NF4Linear", "v_proj": "NF4Linear", "o_proj": "NF4Linear",
+           "gate_proj": "NF4Linear", "up_proj": "NF4Linear", "down_proj": "NF4Linear"}
+
+
+def test_prepare_model_quantizes_every_linear_whatever_the_targets(dense):
+    path, ref = dense
+    model = transformers.LlamaForCausalLM(tiny_config())
+    model.load_state_dict(ref.state_dict())
+    report = qk.prepare_model(model, ["q_proj"], r=4, verbose=False)
+    assert kinds(model) == ALL_NF4 and type(model.lm_head) is nn.Linear
+    assert len(report.quantized) == 12 and "quantized:  12 more Linear layers -> NF4Linear" in str(report)
+    assert report.quantized_params == sum(m.in_features * m.out_features for m in qk.model.nf4_modules(model).values())
+    up = model.model.layers[1].mlp.up_proj
+    assert same_nf4(up.weight, quantize_nf4(ref.model.layers[1].mlp.up_proj.weight.detach().float()))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        f"model.layers.{i}.self_attn.q_proj.lora_{ab}.weight" for i in range(2) for ab in "AB"]
+    # quantize="targets": only the adapted layers are NF4 (the former behaviour); skip_modules stay dense
+    old = transformers.LlamaForCausalLM(tiny_config())
+    qk.prepare_model(old, ["q_proj"], r=4, verbose=False, quantize="targets")
+    assert set(kinds(old).values()) == {"QLoRALinear", "Linear"}
+    skip = transformers.LlamaForCausalLM(tiny_config())
+    qk.prepare_model(skip, ["q_proj"], r=4, verbose=False, skip_modules=["down_proj"])
+    assert kinds(skip) == {**ALL_NF4, "down_proj": "Linear"}
+    with pytest.raises(ValueError, match=r"skip_modules keeps .*q_proj.* but target_modules adapts"):
+        qk.prepare_model(transformers.LlamaForCausalLM(tiny_config()), ["q_proj"], skip_modules=["q_proj"],
+                         verbose=False)
+    with pytest.raises(ValueError, match="quantize"):
+        qk.prepare_model(transformers.LlamaForCausalLM(tiny_config()), ["q_proj"], quantize=[], verbose=False)
+    # merging gives a dense model (deq(W) for the layers without adapters)
+    ids = tokens()
+    with torch.no_grad():
+        before = model(ids).logits
+    qk.merge_and_unload(model)
+    assert not qk.model.nf4_modules(model) and getattr(model.config, "quantization_config", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)  # B = 0, float32: exact
+
+
+def test_prepare_model_on_an_nf4config_model_adds_adapters_in_place(dense):
+    path, _ = dense
+    model = nf4(path)
+    bytes_before = model.model.layers[0].self_attn.q_proj.weight.packed.data_ptr()
+    qk.prepare_model(model, ["q_proj"], r=4, verbose=False)
+    assert kinds(model) == ALL_NF4
+    assert model.model.layers[0].self_attn.q_proj.weight.packed.data_ptr() == bytes_before  # not requantized
+
+
+def test_load_pretrained_keeps_a_4bit_checkpoint_4bit_with_narrow_targets(dense, tmp_path):
+    """A bitsandbytes-format checkpoint (NF4Config(serialize_as='bitsandbytes')) loaded with LoRA on q_proj only:
+    every 4-bit module stays 4-bit, bytes as stored (it was dequantized to a dense Linear before)."""
+    path, _ = dense
+    src = nf4(path, serialize_as="bitsandbytes")
+    src.save_pretrained(tmp_path / "bnb")
+    model = qk.load_pretrained(tmp_path / "bnb", target_modules=["q_proj"], device="cpu", verbose=False,
+                               progress=False, compute_dtype=torch.bfloat16)
+    assert kinds(model) == ALL_NF4 and kinds(model, 1) == ALL_NF4
+    for name in LINEARS:
+        assert same_nf4(model.get_submodule(name).weight, src.get_submodule(name).weight), name
+    assert len(model.qlora_report.quantized) == 12
+    old = qk.load_pretrained(tmp_path / "bnb", target_modules=["q_proj"], device="cpu", verbose=False,
+                             progress=False, quantize="targets")
+    assert set(kinds(old).values()) == {"QLoRALinear", "Linear"}
+    # a plain checkpoint: the non-targets are quantized as they stream in (quantize_nf4's bytes)
+    plain = qk.load_pretrained(path, target_modules=["q_proj"], device="cpu", verbose=False, progress=False,
+                               compute_dtype=torch.bfloat16, skip_modules=["o_proj"])
+    assert kinds(plain) == {**ALL_NF4, "o_proj": "Linear"}
+    for name in LINEARS:
+        if not name.endswith("o_proj"):
+            assert same_nf4(plain.get_submodule(name).weight, src.get_submodule(name).weight), name
+
+
+def test_a_trainer_checkpoint_loads_as_an_nf4_model(dense, tmp_path):
+    """qk.load_pretrained marks the model's config with an NF4Config, so a Trainer checkpoint-N (the model's
+    save_pretrained) reloads through from_pretrained as an NF4 model with the same bytes."""
+    path, _ = dense
+    model = qk.load_pretrained(path, target_modules=["q_proj", "v_proj"], device="cpu", verbose=False,
+                               progress=False, compute_dtype=torch.float32)
+    qc = model.config.quantization_config
+    assert isinstance(qc, qk.NF4Config) and qc.modules_to_not_convert == ["lm_head"]
+    data = [{"input_ids": torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(i)),
+             "labels": torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(i + 9))}
+            for i in range(4)]
+    args = transformers.TrainingArguments(str(tmp_path / "run"), max_steps=1, save_steps=1, report_to=[],
+                                          per_device_train_batch_size=2, use_cpu=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    again = from_pretrained(tmp_path / "run" / "checkpoint-1")
+    assert again.quantization_method == "qlora_kernels"
+    for name in LINEARS:
+        assert isinstance(again.get_submodule(name), NF4Linear)
+        assert same_nf4(again.get_submodule(name).weight, model.get_submodule(name).weight), name

@@ -178,7 +178,8 @@ def test_prepare_refuses_a_layer_bitsandbytes_repacked_and_changes_nothing(tmp_p
         prepare_model(bnb_model, r=4, verbose=False)
     assert _snapshot(bnb_model) == before
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in bnb_model.modules()) == 14
-    prepare_model(bnb_model, r=4, verbose=False, exclude_modules=["down_proj"])  # the others are intact
+    # the others are intact (skip_modules: down_proj is not taken over as NF4Linear either, it stays as it is)
+    prepare_model(bnb_model, r=4, verbose=False, exclude_modules=["down_proj"], skip_modules=["down_proj"])
     assert len(qlora_modules(bnb_model)) == 12
 
 

@@ -27,7 +27,8 @@ from torch import nn
 from ._format import DTYPE_NAMES
 from .functional import quantize_nf4
 from .model import PrepareReport, count_parameters, find_target_modules, model_memory, qlora_modules
-from .nn import QLoRALinear
+from .model import find_quantize_modules, nf4_modules
+from .nn import NF4Linear, QLoRALinear
 from .weight import QUANT_STATE_KEY, NF4Weight
 
 __all__ = ["load_pretrained", "save_pretrained", "CheckpointError"]
@@ -242,6 +243,8 @@ def load_pretrained(
     verbose: bool = True,
     progress: Optional[bool] = None,
     return_report: bool = False,
+    quantize: Union[str, Iterable[str]] = "all-linear",
+    skip_modules: Iterable[str] = (),
 ):
     """Load a Hugging Face model directory straight into a QLoRA-prepared model, one tensor at a time.
 
@@ -251,8 +254,14 @@ def load_pretrained(
     (config.json quantization_config) keeps its NF4 bytes and scales as stored (any quant_storage dtype), its
     dense modules (llm_int8_skip_modules) stay dense, and `blocksize` / `double_quant` are ignored.
     Every other tensor is cast to `compute_dtype`; tied weights stay tied. Target matching is prepare_model's
-    (`find_target_modules`); in a bitsandbytes checkpoint, a quantized module that is not a target is
-    dequantized to a dense Linear.
+    (`find_target_modules`).
+
+    Quantization targets are apart from the LoRA targets (as BitsAndBytesConfig and LoraConfig are):
+    quantize="all-linear" (default) stores every other Linear but the output head in NF4 too, as a frozen
+    NF4Linear (no adapters); in a bitsandbytes / qlora_kernels checkpoint every 4-bit module stays 4-bit
+    (NF4Linear, bytes as stored) whatever the LoRA targets. quantize="targets": only the LoRA targets are NF4
+    (a quantized module of the file that is not a target is dequantized to a dense Linear); a regex or names
+    select them as target_modules does. skip_modules: Linear modules kept dense (a LoRA target cannot be).
 
     Args:
         r, alpha, dropout, use_rslora: the LoRA adapters (B = 0: the model starts as the base model).
@@ -285,10 +294,14 @@ def load_pretrained(
         report = _stream_into(model, reader, quant_config, device, dict(
             target_modules=target_modules, exclude_modules=exclude_modules, r=r, alpha=alpha, dropout=dropout,
             use_rslora=use_rslora, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
-            adapter_dtype=adapter_dtype), verbose if progress is None else progress)
+            adapter_dtype=adapter_dtype, quantize=quantize, skip_modules=skip_modules),
+            verbose if progress is None else progress)
     finally:
         reader.close()
     model.eval()
+    from .model import mark_quantization_config
+
+    mark_quantization_config(model, blocksize, double_quant)  # save_pretrained / Trainer checkpoints reload as NF4
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.qlora_report = report
@@ -320,6 +333,17 @@ def _stream_into(model, reader: _Reader, quant_config, device, opts, show_progre
     targets = set(find_target_modules(model, opts["target_modules"], opts["exclude_modules"]))
     if quant_config is not None:  # the file decides what is quantized; skip modules stay dense
         targets &= quantized_in_file
+    # NF4 without adapters (NF4Linear): with quantize="all-linear", every other Linear of a plain checkpoint, or
+    # every other 4-bit module of a quantized one (kept as stored, whatever the targets); skip_modules stay dense
+    if quant_config is None:
+        quant_only = set(find_quantize_modules(model, opts["quantize"], opts["skip_modules"], targets))
+    elif opts["quantize"] == "targets" or not quantized_in_file - targets:
+        find_quantize_modules(model, "targets", opts["skip_modules"], targets)  # checks skip vs targets
+        quant_only = set()
+    else:
+        quant_only = set(find_quantize_modules(model, sorted(quantized_in_file - targets), opts["skip_modules"],
+                                               targets))
+    opts["quant_only"] = quant_only
     for name in sorted(quantized_in_file - set(modules)):
         raise CheckpointError(f"{reader.key_files[name + '.weight']}: quantized tensor {name + '.weight'!r} "
                               "belongs to no module of the model config.json describes")
@@ -331,7 +355,7 @@ def _stream_into(model, reader: _Reader, quant_config, device, opts, show_progre
 
     # Group the keys: one item per Linear whose weight is quantized here or in the file, one per other tensor;
     # items in the order of their first key in the files, so the reads stream through each file.
-    linear_names = quantized_in_file | targets
+    linear_names = quantized_in_file | targets | quant_only
     owner = {}
     for key in keys:
         name = _linear_of(key)
@@ -361,7 +385,7 @@ def _stream_into(model, reader: _Reader, quant_config, device, opts, show_progre
                file=sys.stderr)
     replaced, done = [], 0
     for item, item_keys in items.items():
-        if item in quantized_in_file or item in targets:
+        if item in quantized_in_file or item in targets or item in quant_only:
             _load_linear(model, modules, slots, reader, item, item_keys, item in targets, device, opts)
             if item in targets:
                 replaced.append(item)
@@ -412,6 +436,9 @@ def _stream_into(model, reader: _Reader, quant_config, device, opts, show_progre
     nf4_elems = sum(m.in_features * m.out_features for m in layers.values()) + sum(w.numel for w in expert_weights)
     report.replaced = [n for n in find_order(model) if n in set(replaced)]
     report.quantized_params = nf4_elems
+    report.quantized = [n for n, m in nf4_modules(model).items() if not isinstance(m, QLoRALinear)]
+    report.quantized_params += sum(m.in_features * m.out_features for n, m in nf4_modules(model).items()
+                                   if not isinstance(m, QLoRALinear))
     report.params_after = count_parameters(model)
     report.params_before = report.params_after - sum(
         m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in layers.values()) - sum(
@@ -472,7 +499,9 @@ def _load_linear(model, modules, slots, reader, name, keys, is_target, device, o
         except ValueError as exc:
             raise CheckpointError(f"{file}: tensor {wkey!r}: {exc}") from None
         del w
-    if is_target:
+    if not is_target and name in opts.get("quant_only", ()):
+        new = NF4Linear(weight, bias)  # NF4 without adapters (quantize=), frozen
+    elif is_target:
         new = QLoRALinear(weight, bias, r=opts["r"], alpha=opts["alpha"], dropout=opts["dropout"],
                           use_rslora=opts["use_rslora"], adapter_dtype=opts["adapter_dtype"])
     else:
@@ -594,7 +623,7 @@ def save_pretrained(
     """
     root = Path(path)
     config = _config_dict(model)
-    layers = qlora_modules(model)
+    layers = nf4_modules(model)  # with adapters (QLoRALinear) or without (NF4Linear)
     from .experts import experts_modules
 
     experts = experts_modules(model)
@@ -610,7 +639,7 @@ def save_pretrained(
                          "quantization_config holds one bnb_4bit_use_double_quant for all")
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, QLoRALinear):
+        if isinstance(module, NF4Linear):
             if merge_adapters:
                 group = [(prefix + "weight", lambda m=module: m.merged_weight(dtype),
                           module.in_features * module.out_features * dtype.itemsize)]

@@ -15,8 +15,10 @@ from torch import nn
 from ._format import FLOAT_DTYPES, all_finite, check_blocksize
 from .nn import QLoRALinear, check_bnb_layer, check_lora_args
 
+from .nn import NF4Linear  # noqa: E402  (the quantized linears without adapters: quantize= below)
+
 __all__ = ["prepare_model", "PrepareReport", "find_target_modules", "qlora_modules", "model_memory",
-           "count_parameters", "merge_and_unload", "unwrap_model"]
+           "count_parameters", "merge_and_unload", "unwrap_model", "nf4_modules", "find_quantize_modules"]
 
 
 def _is_bnb_4bit(module: nn.Module) -> bool:
@@ -55,6 +57,95 @@ def qlora_modules(model: nn.Module) -> dict[str, QLoRALinear]:
     any torch.compile / DDP wrapper (no `_orig_mod.` or `module.` prefix)."""
     model = unwrap_model(model)
     return {module_path(name): m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
+
+
+def nf4_modules(model: nn.Module) -> dict[str, NF4Linear]:
+    """{module path: NF4Linear} (QLoRALinear included: every linear whose weight is NF4), in module order."""
+    model = unwrap_model(model)
+    return {module_path(name): m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+
+
+def find_quantize_modules(model: nn.Module, quantize: Union[str, Iterable[str]] = "all-linear",
+                          skip_modules: Iterable[str] = (), lora_targets: Iterable[str] = ()) -> list[str]:
+    """Paths of the Linear / Linear4bit modules that become NF4Linear (quantized, no adapters) beside the LoRA
+    targets (which become QLoRALinear, always NF4).
+
+    quantize: "all-linear" (every Linear but the output head, as find_target_modules), "targets" (only the
+        LoRA targets: every other Linear stays dense), or a regex / names matched as target_modules are.
+    skip_modules: kept dense (names by the suffix rule, or a regex over the full path, as exclude_modules).
+        A LoRA target cannot be skipped: ValueError naming it.
+    """
+    lora_targets = list(lora_targets)
+    if isinstance(skip_modules, str):
+        import re as _re
+
+        skip_pattern, skip = _re.compile(skip_modules), []
+    else:
+        skip_pattern, skip = None, list(skip_modules)
+    if any(not isinstance(s, str) or not s for s in skip):
+        raise ValueError(f"skip_modules must be module names or a regex, got {skip_modules!r}")
+    skipped_targets = [t for t in lora_targets if any(_name_matches(t, s) for s in skip)
+                       or (skip_pattern is not None and skip_pattern.fullmatch(t))]
+    if skipped_targets:
+        raise ValueError(f"skip_modules keeps {skipped_targets[:3]} dense, but target_modules adapts them "
+                         "(a LoRA target's base weight is always NF4): drop them from one of the two")
+    if isinstance(quantize, str) and quantize == "targets":
+        return []
+    if quantize is None or (not isinstance(quantize, str) and not list(quantize)):
+        raise ValueError(f"quantize must be 'all-linear', 'targets', a regex or module names, got {quantize!r}")
+    try:
+        found = find_target_modules(model, quantize, skip_modules)
+    except ValueError:
+        if quantize == "all-linear":
+            return []  # a model with no Linear but its head
+        raise ValueError(f"quantize={quantize!r} matched no nn.Linear / Linear4bit module of "
+                         f"{type(unwrap_model(model)).__name__}") from None
+    taken = set(lora_targets)
+    model = unwrap_model(model)
+    return [n for n in found if n not in taken and not isinstance(model.get_submodule(n), NF4Linear)]
+
+
+def mark_quantization_config(model: nn.Module, blocksize: int, double_quant: bool) -> None:
+    """Give a transformers model prepared here `config.quantization_config = NF4Config(...)` (quant_method
+    "qlora_kernels"), so its `save_pretrained` (a Trainer `checkpoint-N` included) writes a config.json that
+    `from_pretrained` reloads as an NF4 model. Nothing for a model that is not a transformers one, that already
+    has a quantization_config (a bitsandbytes one keeps its own: the tensors are the same), or without
+    transformers >= 5. The dense Linear modules are its modules_to_not_convert."""
+    config = getattr(unwrap_model(model), "config", None)
+    if config is None or not hasattr(config, "to_dict") or getattr(config, "quantization_config", None) is not None:
+        return
+    try:
+        from .integrations.transformers import NF4Config
+    except ImportError:
+        return
+    nf4 = set(nf4_modules(model))
+    dense = [n for n, m in unwrap_model(model).named_modules()
+             if type(m) is nn.Linear and n.rpartition(".")[0] not in nf4]  # not a QLoRALinear's lora_A / lora_B
+    config.quantization_config = NF4Config(blocksize=blocksize, double_quant=double_quant,
+                                           modules_to_not_convert=dense)
+
+
+def _unmark_quantization_config(model: nn.Module) -> None:
+    """After merge_and_unload nothing is NF4: an NF4Config would make the saved model reload as NF4."""
+    config = getattr(model, "config", None)
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None and getattr(qc, "quant_method", None) == "qlora_kernels" and not nf4_modules(model):
+        del config.quantization_config
+
+
+def _to_nf4linear(model: nn.Module, names: Iterable[str], blocksize: int, double_quant: bool) -> None:
+    """Replace each Linear / Linear4bit `name` by an NF4Linear (frozen; a Linear4bit's bytes taken as they are)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        new = NF4Linear.from_bnb(old) if _is_bnb_4bit(old) else NF4Linear.from_linear(
+            old, blocksize=blocksize, double_quant=double_quant)
+        new.train(old.training)
+        if new.bias is not None:
+            new.bias.requires_grad_(False)
+        setattr(parent, child, new)
+        del old
 
 
 def find_target_modules(model: nn.Module, target_modules: Union[str, Iterable[str]] = "all-linear",
@@ -113,7 +204,8 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, Iterable[st
         if any(name.startswith(p + ".") for p in prepared):  # the adapters' own lora_A / lora_B
             continue
         is_4bit = _is_bnb_4bit(module)
-        if not (is_4bit or isinstance(module, nn.Linear)) or (_is_other_bnb(module) and not is_4bit):
+        is_nf4 = isinstance(module, NF4Linear)  # quantized already (NF4Config, quantize=): a target gets adapters
+        if not (is_4bit or is_nf4 or isinstance(module, nn.Linear)) or (_is_other_bnb(module) and not is_4bit):
             continue
         linear_names.append(name)
         if name in parents_mha:  # nn.MultiheadAttention reads out_proj.weight directly: it must stay dense
@@ -148,7 +240,7 @@ def count_parameters(model: nn.Module) -> int:
     for p in model.parameters():
         qs = getattr(p, "quant_state", None)
         total += math.prod(qs.shape) if qs is not None else p.numel()
-    return total + sum(m.in_features * m.out_features for m in qlora_modules(model).values()) + sum(
+    return total + sum(m.in_features * m.out_features for m in nf4_modules(model).values()) + sum(
         w.numel for e in _experts(model).values() for w in e.projections.values())
 
 
@@ -188,6 +280,7 @@ class PrepareReport:
     alpha: float = 0.0
     adapter_dtype: str = "float32"
     already_prepared: list = field(default_factory=list)  # QLoRALinear layers left as they were
+    quantized: list = field(default_factory=list)  # Linear layers -> NF4Linear (quantized, no adapters)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -208,11 +301,14 @@ class PrepareReport:
             f"{100.0 * self.trainable_params / max(1, self.params_after):.2f}%)\n"
             f"  memory:     {mib(self.bytes_before):.2f} MiB before, {mib(self.bytes_after):.2f} MiB after "
             f"({self.bytes_before / max(1, self.bytes_after):.2f}x smaller)"
-        )
+        ) + (f"\n  quantized:  {len(self.quantized)} more Linear layers -> NF4Linear (NF4, no adapters)"
+             if self.quantized else "")
 
 
 def _check_target(name: str, module: nn.Module) -> None:
     """Refuse a target whose weight cannot become NF4, before prepare_model changes anything."""
+    if isinstance(module, NF4Linear):
+        return  # NF4 already
     if _is_bnb_4bit(module):
         qs = getattr(module.weight, "quant_state", None)
         qtype = qs.quant_type if qs is not None else getattr(module.weight, "quant_type", "nf4")
@@ -258,6 +354,8 @@ def prepare_model(
     verbose: bool = True,
     progress: Optional[bool] = None,
     target_parameters: Optional[Iterable[str]] = None,
+    quantize: Union[str, Iterable[str]] = "all-linear",
+    skip_modules: Iterable[str] = (),
 ) -> PrepareReport:
     """Replace matching nn.Linear (and bitsandbytes Linear4bit) modules of `model` with QLoRALinear, in place.
 
@@ -281,6 +379,10 @@ def prepare_model(
         adapter_dtype: the adapters' storage dtype: float32 (default, as PEFT: a bf16 adapter loses most small
             updates), or None for each base weight's dtype. The adapter math runs in the activation dtype.
         verbose: print the report. progress: tqdm bar while quantizing (default: when verbose).
+        quantize: which Linear weights are NF4 apart from the LoRA targets, as BitsAndBytesConfig is apart
+            from LoraConfig: "all-linear" (default: every Linear but the output head; those not adapted become
+            NF4Linear, frozen), "targets" (only the adapted ones; the rest stay dense), or a regex / names.
+        skip_modules: Linear modules kept dense whatever `quantize` says (not a LoRA target: ValueError).
     Returns:
         PrepareReport: replaced module paths, parameters and memory before / after.
     """
@@ -306,6 +408,9 @@ def prepare_model(
                 raise
             names = []  # the target matched experts modules only
     for name in names:
+        _check_target(name, model.get_submodule(name))
+    quant_only = find_quantize_modules(model, quantize, skip_modules, names)
+    for name in quant_only:
         _check_target(name, model.get_submodule(name))
     for name in expert_targets:
         check_experts(name, model.get_submodule(name))
@@ -338,6 +443,9 @@ def prepare_model(
         if _is_bnb_4bit(old):
             new = QLoRALinear.from_bnb(old, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                        adapter_dtype=adapter_dtype)
+        elif isinstance(old, NF4Linear):  # its NF4 bytes as they are, adapters added
+            new = QLoRALinear(old.weight, old.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                              adapter_dtype=adapter_dtype)
         else:
             new = QLoRALinear.from_linear(old, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                           blocksize=blocksize, double_quant=double_quant, adapter_dtype=adapter_dtype)
@@ -347,6 +455,7 @@ def prepare_model(
         setattr(parent, child, new)
         del old
     bar.close()
+    _to_nf4linear(model, quant_only, blocksize, double_quant)
     replace_experts(model, expert_targets, expert_targets, r=r, alpha=alpha, use_rslora=use_rslora,
                     blocksize=blocksize, double_quant=double_quant, adapter_dtype=adapter_dtype)
     layers = qlora_modules(model)
@@ -367,6 +476,12 @@ def prepare_model(
     report.params_after = count_parameters(model)
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.bytes_after = model_memory(model)
+    plain = [model.get_submodule(n) for n in quant_only]  # NF4Linear, no adapters
+    nf4_elems += sum(m.in_features * m.out_features for m in plain)
+    nf4_bytes += sum(m.weight.nbytes for m in plain)
+    report.quantized = list(quant_only)
+    mark_quantization_config(model, blocksize, double_quant)
+    report.quantized_params = nf4_elems
     report.bits_per_param = 8.0 * nf4_bytes / max(1, nf4_elems)
     if verbose:
         print(report)
@@ -386,7 +501,7 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None, prog
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be torch.float32, float16, bfloat16 or None, got {dtype!r}")
     model = unwrap_model(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, NF4Linear)]  # NF4Linear: deq(W) alone
     experts = _experts(model)
     for name, module in experts.items():  # NF4Experts -> the model's own experts class, dense
         parent_name, _, child = name.rpartition(".")
@@ -408,4 +523,5 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None, prog
                                       requires_grad=layer.bias.requires_grad)
         dense.train(layer.training)
         setattr(parent, child, dense)
+    _unmark_quantization_config(model)
     return model

@@ -177,6 +177,12 @@ class NF4Linear(nn.Module):
         return _nf4_linear(x, *self._nf4_tensors(), (self.out_features, self.in_features), self.blocksize,
                            self.bias)
 
+    def merged_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """deq(W) as a dense [N, K] tensor of `dtype` (default: the dtype W was quantized from): what
+        merge_and_unload puts in place of a layer without adapters. Materializes W (export only)."""
+        with torch.no_grad():
+            return self.weight.dequantize(torch.float32).to(dtype or self.weight_dtype)
+
     def _nf4_repr(self) -> str:
         dq = "double_quant" if self.weight_nested_absmax is not None else "single_quant"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
