@@ -428,3 +428,90 @@ def test_generation_with_offloaded_cache_on_gpu(ckpts):
     default = model.generate(ids, max_new_tokens=12, do_sample=False)
     offloaded = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="offloaded")
     assert torch.equal(default, offloaded)
+
+
+# ------------------------------------------------------------------ float64 checkpoints, transformers' arguments
+def _write_float64(src, dst):
+    """The checkpoint in `src` with every float tensor upcast to float64 (exact), config.json as it is."""
+    from safetensors.torch import save_file
+
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    save_file({k: (v.double() if v.is_floating_point() else v).contiguous() for k, v in stored_tensors(src).items()},
+              str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_float64_checkpoint_loads_as_its_float32_twin(tmp_path, compute_dtype):
+    """A float64 checkpoint (was: a TypeError from quantize_nf4 naming neither file nor tensor) loads; its
+    weights (and a target's bias) are read as float32, the other tensors cast to the compute dtype, so the model
+    equals the one loaded from the float32 checkpoint it was upcast from, byte for byte (state dict and logits)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(attention_bias=True), dtype=torch.float32)
+    with torch.no_grad():  # biases too (nonzero): a target's bias is read apart from its weight
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()
+    model.save_pretrained(tmp_path / "fp32")
+    _write_float64(tmp_path / "fp32", tmp_path / "fp64")
+    assert {v.dtype for v in stored_tensors(tmp_path / "fp64").values()} == {torch.float64}
+    torch.manual_seed(0)  # the adapters' A init
+    a = load(tmp_path / "fp32", compute_dtype=compute_dtype)
+    torch.manual_seed(0)
+    b = load(tmp_path / "fp64", compute_dtype=compute_dtype)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and len(qlora_modules(b)) == 14
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+        else:
+            assert sa[k] == sb[k], k
+    with torch.no_grad():
+        assert torch.equal(a(tokens()).logits, b(tokens()).logits)
+
+
+def test_transformers_loading_arguments(tmp_path):
+    """from_pretrained's arguments that a local load can honour are honoured; the others raise naming
+    themselves."""
+    write_plain(tmp_path / "m")
+    path = tmp_path / "m"
+    kw = dict(r=4, verbose=False, progress=False)
+    for impl in ("eager", "sdpa"):
+        assert load(path, attn_implementation=impl).config._attn_implementation == impl
+    # dtype / torch_dtype: aliases of compute_dtype (a dtype, its name, or "auto": config.json's)
+    embed = lambda m: m.get_input_embeddings().weight.dtype  # noqa: E731
+    assert embed(load_pretrained(path, device="cpu", dtype=torch.bfloat16, **kw)) == torch.bfloat16
+    assert embed(load_pretrained(path, device="cpu", torch_dtype="float16", **kw)) == torch.float16
+    assert embed(load_pretrained(path, device="cpu", torch_dtype="auto", **kw)) == torch.float32  # as saved
+    assert embed(load_pretrained(path, device="cpu", **kw)) == torch.bfloat16  # the default compute dtype
+    with pytest.raises(ValueError, match="disagree: compute_dtype=torch.float32, dtype=torch.bfloat16"):
+        load_pretrained(path, device="cpu", compute_dtype=torch.float32, dtype=torch.bfloat16, **kw)
+    with pytest.raises(ValueError, match="torch_dtype must be torch.float32, torch.float16 or torch.bfloat16"):
+        load_pretrained(path, device="cpu", torch_dtype=torch.float64, **kw)
+    # device_map: one device, or {"": device}
+    for dm in ("cpu", torch.device("cpu"), {"": "cpu"}):
+        m = load_pretrained(path, device_map=dm, **kw)
+        assert {p.device.type for p in m.parameters()} == {"cpu"}
+    for dm in ("auto", {"model.layers.0": "cpu", "lm_head": "cpu"}):
+        with pytest.raises(NotImplementedError, match=r"device_map=.*(auto|model\.layers\.0)"):
+            load_pretrained(path, device_map=dm, **kw)
+    with pytest.raises(ValueError, match="device_map='tpu9': not a device"):
+        load_pretrained(path, device_map="tpu9", **kw)
+    with pytest.raises(ValueError, match="device='cpu' and device_map='meta' disagree"):
+        load_pretrained(path, device="cpu", device_map="meta", **kw)
+    # revision: a local directory has none
+    load_pretrained(path, device="cpu", revision="main", **kw)
+    with pytest.raises(ValueError, match="revision='v1.0': .* is a local directory, which has no revisions"):
+        load_pretrained(path, device="cpu", revision="v1.0", **kw)
+
+
+def test_no_future_warning_from_load_with_checkpointing(tmp_path):
+    """transformers 5 deprecates gradient_checkpointing_enable / is_gradient_checkpointing (a FutureWarning on
+    every call): load_pretrained(gradient_checkpointing=True) uses activation_checkpointing_enable."""
+    write_plain(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = load(tmp_path / "m", gradient_checkpointing=True)
+        model.train()
+        model(tokens(), labels=tokens()).loss.backward()
+    assert model.is_activation_checkpointing

@@ -168,7 +168,7 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def _build_skeleton(root: Path, compute_dtype, auto_class, trust_remote_code):
+def _build_skeleton(root: Path, compute_dtype, auto_class, trust_remote_code, attn_implementation=None):
     try:
         import transformers
     except ImportError:
@@ -177,9 +177,70 @@ def _build_skeleton(root: Path, compute_dtype, auto_class, trust_remote_code):
     if hasattr(config, "quantization_config"):  # the loaded model is ours, not a bitsandbytes one
         del config.quantization_config
     auto = auto_class or transformers.AutoModelForCausalLM
+    extra = {} if attn_implementation is None else dict(attn_implementation=attn_implementation)
     with _parameters_on_meta():
-        model = auto.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+        model = auto.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code, **extra)
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """transformers' non-reentrant activation checkpointing on every decoder layer of `model`.
+
+    transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable (the old name warns
+    with a FutureWarning on every call); older versions have only the old name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _loader_dtype(compute_dtype, dtype, torch_dtype, config_file: Path) -> torch.dtype:
+    """compute_dtype, or its transformers-style aliases dtype / torch_dtype (a torch.dtype, its name, or
+    "auto": config.json's dtype); bfloat16 when none is given."""
+    given = {k: v for k, v in (("compute_dtype", compute_dtype), ("dtype", dtype), ("torch_dtype", torch_dtype))
+             if v is not None}
+    resolved = {}
+    for name, v in given.items():
+        if isinstance(v, str):
+            if v == "auto":
+                cfg = _read_json(config_file)
+                v = cfg.get("dtype") or cfg.get("torch_dtype")
+                if v is None:
+                    raise ValueError(f"{name}='auto': {config_file} names no dtype (dtype / torch_dtype); pass one")
+            v = getattr(torch, str(v).replace("torch.", ""), v)
+        if v not in DTYPE_NAMES:
+            raise ValueError(f"{name} must be torch.float32, torch.float16 or torch.bfloat16 (the compute dtype), "
+                             f"got {given[name]!r}")
+        resolved[name] = v
+    if len(set(resolved.values())) > 1:
+        raise ValueError("compute_dtype, dtype and torch_dtype are one setting (the compute dtype) and disagree: "
+                         + ", ".join(f"{k}={v}" for k, v in resolved.items()))
+    return next(iter(resolved.values()), torch.bfloat16)
+
+
+def _loader_device(device, device_map):
+    """`device`, or a transformers-style device_map that puts the whole model on one device."""
+    if device_map is None:
+        return _resolve_device(device)
+    one = device_map
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise NotImplementedError(
+                f"device_map={device_map!r}: load_pretrained puts the whole model on one device; only "
+                "{'': device} is supported (several devices: qk.shard_model over processes)")
+        one = device_map[""]
+    if isinstance(one, str) and one in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise NotImplementedError(
+            f"device_map={device_map!r}: load_pretrained does not split a model over devices; pass one device "
+            "(device='cuda:0' or device_map='cuda:0'), or shard it over processes with qk.shard_model")
+    try:
+        resolved = torch.device(one) if not isinstance(one, int) else torch.device("cuda", one)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r}: not a device "
+                         "(e.g. 'cuda:0', 'cpu', 0, {'': 'cuda:0'})") from None
+    if device is not None and torch.device(device) != resolved:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; pass one of them")
+    return resolved
 
 
 def _param_slots(model: nn.Module) -> dict:
@@ -234,7 +295,7 @@ def load_pretrained(
     use_rslora: bool = False,
     blocksize: int = 64,
     double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: Optional[torch.dtype] = None,
     adapter_dtype: Optional[torch.dtype] = torch.float32,
     device=None,
     gradient_checkpointing: bool = False,
@@ -245,6 +306,11 @@ def load_pretrained(
     return_report: bool = False,
     quantize: Union[str, Iterable[str]] = "all-linear",
     skip_modules: Iterable[str] = (),
+    attn_implementation: Optional[str] = None,
+    dtype=None,
+    torch_dtype=None,
+    device_map=None,
+    revision: Optional[str] = None,
 ):
     """Load a Hugging Face model directory straight into a QLoRA-prepared model, one tensor at a time.
 
@@ -253,7 +319,8 @@ def load_pretrained(
     are read, bit-identical to `quantize_nf4` of the stored tensor; a bitsandbytes-4bit nf4 checkpoint
     (config.json quantization_config) keeps its NF4 bytes and scales as stored (any quant_storage dtype), its
     dense modules (llm_int8_skip_modules) stay dense, and `blocksize` / `double_quant` are ignored.
-    Every other tensor is cast to `compute_dtype`; tied weights stay tied. Target matching is prepare_model's
+    Every other tensor is cast to `compute_dtype`; tied weights stay tied. A float64 weight is quantized from
+    float32 (the quantizer's widest input; exact for values an fp32 checkpoint held). Target matching is prepare_model's
     (`find_target_modules`).
 
     Quantization targets are apart from the LoRA targets (as BitsAndBytesConfig and LoraConfig are):
@@ -265,9 +332,15 @@ def load_pretrained(
 
     Args:
         r, alpha, dropout, use_rslora: the LoRA adapters (B = 0: the model starts as the base model).
+        compute_dtype: activations and dense modules: float32, float16 or bfloat16 (default). `dtype` and
+            `torch_dtype` (transformers' names) are aliases: a torch.dtype, its name, or "auto" (config.json's).
         adapter_dtype: the adapters' storage dtype: float32 (default, as prepare_model) or None for
             compute_dtype; their math runs in the activation dtype.
-        device: where the model lives (default: cuda when available, else cpu).
+        device: where the model lives (default: cuda when available, else cpu). `device_map` (transformers'
+            name) may give it instead: one device (str, int, torch.device) or {"": device}; a map over several
+            devices ("auto", per-module) raises NotImplementedError.
+        attn_implementation: passed to the model's construction ("eager", "sdpa", ...), as from_pretrained.
+        revision: None or "main" only: `path` is a local directory, which has no revisions.
         gradient_checkpointing: switch on transformers' non-reentrant activation checkpointing.
         auto_class: transformers auto class building the skeleton (default AutoModelForCausalLM).
         verbose / progress: print the report / show a progress bar (tensors and bytes).
@@ -284,13 +357,18 @@ def load_pretrained(
     config_file = root / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{root}: no config.json")
+    if revision not in (None, "main"):
+        raise ValueError(f"revision={revision!r}: {str(path)!r} is a local directory, which has no revisions; "
+                         "check that revision out there (e.g. huggingface_hub.snapshot_download(repo, "
+                         "revision=...)) and pass its directory")
     quant_config = _quant_config(config_file, _read_json(config_file))
-    device = _resolve_device(device)
+    compute_dtype = _loader_dtype(compute_dtype, dtype, torch_dtype, config_file)
+    device = _loader_device(device, device_map)
     adapter_dtype = adapter_dtype or compute_dtype
     key_files = _checkpoint_files(root)
     reader = _Reader(key_files)
     try:
-        model = _build_skeleton(root, compute_dtype, auto_class, trust_remote_code)
+        model = _build_skeleton(root, compute_dtype, auto_class, trust_remote_code, attn_implementation)
         report = _stream_into(model, reader, quant_config, device, dict(
             target_modules=target_modules, exclude_modules=exclude_modules, r=r, alpha=alpha, dropout=dropout,
             use_rslora=use_rslora, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
@@ -303,7 +381,7 @@ def load_pretrained(
 
     mark_quantization_config(model, blocksize, double_quant)  # save_pretrained / Trainer checkpoints reload as NF4
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.qlora_report = report
     if verbose:
         print(report)
@@ -484,6 +562,11 @@ def _load_linear(model, modules, slots, reader, name, keys, is_target, device, o
         if tuple(bias.shape) != (shape[0],):
             raise CheckpointError(f"{reader.key_files[name + '.bias']}: tensor {name + '.bias'!r} has shape "
                                   f"{list(bias.shape)} but config.json gives [{shape[0]}]")
+        if not bias.is_floating_point():
+            raise CheckpointError(f"{reader.key_files[name + '.bias']}: tensor {name + '.bias'!r} is {bias.dtype}, "
+                                  "expected a float bias")
+        if bias.dtype not in DTYPE_NAMES:  # float64: float32, as the weight (the bias keeps its own precision)
+            bias = bias.to(torch.float32)
     elif linear.bias is not None:
         raise CheckpointError(f"{file}: the checkpoint has no tensor {name + '.bias'!r} that config.json's model needs")
     if name + ".weight." + QUANT_STATE_KEY in keys:
@@ -494,9 +577,12 @@ def _load_linear(model, modules, slots, reader, name, keys, is_target, device, o
             raise CheckpointError(f"{file}: tensor {wkey!r} has shape {list(w.shape)} but config.json gives {list(shape)}")
         if not w.is_floating_point():
             raise CheckpointError(f"{file}: tensor {wkey!r} is {w.dtype}, expected a float weight")
+        # float64 (or another float the quantizer does not take): from float32, its widest input
+        wdtype = w.dtype if w.dtype in DTYPE_NAMES else torch.float32
         try:
-            weight = quantize_nf4(w.to(device), blocksize=opts["blocksize"], double_quant=opts["double_quant"])
-        except ValueError as exc:
+            weight = quantize_nf4(w.to(device=device, dtype=wdtype), blocksize=opts["blocksize"],
+                                  double_quant=opts["double_quant"])
+        except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{file}: tensor {wkey!r}: {exc}") from None
         del w
     if not is_target and name in opts.get("quant_only", ()):
