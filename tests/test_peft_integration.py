@@ -239,6 +239,10 @@ def test_several_adapters_set_adapter_and_disable():
         assert_derived(logits(pm), logits(refs[a][1]), logits(refs[a][0]))
     with pm.disable_adapter():  # the NF4 base alone: what TRL's DPO uses as its reference model
         torch.testing.assert_close(logits(pm), base_logits, rtol=0, atol=0)
+    with torch.no_grad():  # PEFT's mixed batch (adapter_names=): the NF4 base, then each row's adapter in torch
+        mixed = pm.eval()(IDS, adapter_names=["default", "b"]).logits
+    for row, a in enumerate(("default", "b")):
+        assert_derived(mixed[row], logits(refs[a][1])[row], logits(refs[a][0])[row])
     # both active at once: the first runs fused, the second adds in plain torch
     pm.base_model.set_adapter(["default", "b"])
     both64 = peft_on(dense_reference(pm.base_model.model).double(), cfg_a,
