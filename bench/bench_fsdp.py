@@ -240,6 +240,7 @@ def main():
     if args.project_only:
         data = json.loads((out / "fsdp-cpu.json").read_text())
         data["projection"] = projection(data["rows"], argparse.Namespace(**data["args"]))
+        data["settings"] = dict(batch=BATCH, seq=SEQ)
         print_projection(data["projection"])
         (out / "fsdp-cpu.json").write_text(json.dumps(data, indent=2))
         print(f"wrote {out / 'fsdp-cpu.json'}")
@@ -269,7 +270,8 @@ def main():
     print_projection(proj)
     path = out / "fsdp-cpu.json"
     args_d = {k: v for k, v in vars(args).items() if k != "project_only"}
-    path.write_text(json.dumps({"meta": meta, "args": args_d, "rows": rows, "projection": proj}, indent=2))
+    path.write_text(json.dumps({"meta": meta, "args": args_d, "settings": dict(batch=BATCH, seq=SEQ), "rows": rows,
+                                "projection": proj}, indent=2))
     print(f"wrote {path}")
 
 

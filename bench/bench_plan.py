@@ -9,11 +9,19 @@ also enters the NF4 linear ops, so their dequantize scratch counts); parameters,
 states included. On a GPU: torch.cuda.max_memory_allocated over the same step, against the plan's
 tensor_bytes (the total without the context/fragmentation allowance).
 Output: a table, bench/results/plan-<device>.json and a planned-vs-measured scatter plot (.png).
+
+    python bench/bench_plan.py --readme [--out DIR]
+
+runs the README's `python -m qlora_kernels plan` commands (README_PLANS: the QLoRA paper's LLaMA-65B setting
+and two variants) and writes their tables, terms, searches and times to bench/results/plan-readme.json, which
+bench/readme_tables.py renders into README.md (tests/test_readme.py recomputes the terms with the current code).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import sys
@@ -41,7 +49,9 @@ def measure(config, r, seq, batch, checkpointing, device, dtype):
     qk.prepare_model(model, r=r, verbose=False)
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from qlora_kernels.checkpoint import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     if device.type == "cuda":
@@ -59,12 +69,74 @@ def measure(config, r, seq, batch, checkpointing, device, dtype):
     return measure_step(model, ids, opt)
 
 
+# The README's plan commands (the arguments after `python -m qlora_kernels plan`)
+README_PLANS = {
+    "paper": "llama-65b --seq 512 --batch 1 --r 64 --gpu 48GB --optimizer paged_adamw_32bit --adapter-dtype bfloat16",
+    "float32 adapters": "llama-65b --gpu 48GB",
+    "adamw_torch": "llama-65b --gpu 48GB --optimizer adamw_torch",
+}
+README_PLANS_FILE = "plan-readme.json"
+
+
+def plan_kwargs(argv: list) -> dict:
+    """The plan_memory keyword arguments the `plan` command passes for `argv` (its own parser, not a copy)."""
+    import qlora_kernels.planner as planner
+    from qlora_kernels.__main__ import main as cli
+
+    seen = {}
+
+    def capture(config, **kwargs):
+        seen.update(kwargs, config_or_model=config)
+        raise ValueError("captured")
+
+    real, planner.plan_memory = planner.plan_memory, capture
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the command's "plan: captured"
+            cli(["plan", *argv, "--quiet"])
+    finally:
+        planner.plan_memory = real
+    seen.pop("progress", None)
+    return seen
+
+
+def plan_record(plan) -> dict:
+    """What the README shows of a plan (JSON-ready)."""
+    return {"table": plan.table(), "terms": plan.terms, "total_bytes": plan.total_bytes,
+            "tensor_bytes": plan.tensor_bytes, "device_memory": plan.device_memory, "fits": plan.fits,
+            "max_seq_len": plan.max_seq_len, "max_batch_size": plan.max_batch_size,
+            "seq_len_cap": plan.seq_len_cap, "counts": plan.counts}
+
+
+def readme_plans(out_dir: Path) -> int:
+    from qlora_kernels.planner import plan_memory
+
+    rows = []
+    for name, args in README_PLANS.items():
+        kwargs = plan_kwargs(args.split())
+        t0 = time.perf_counter()
+        plan = plan_memory(**kwargs, progress=True)
+        seconds = time.perf_counter() - t0
+        print(plan.table())
+        print(f"{name}: {seconds:.1f} s\n")
+        rows.append({"name": name, "command": f"python -m qlora_kernels plan {args}", "seconds": seconds,
+                     **plan_record(plan)})
+    meta = device_meta(torch.device("cpu"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / README_PLANS_FILE
+    path.write_text(json.dumps({"family": "plan-readme", "meta": meta, "rows": rows}, indent=1, default=str))
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a handful of configs")
+    parser.add_argument("--readme", action="store_true", help="the README's plan commands (plan-readme.json)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.readme:
+        return readme_plans(Path(args.out) if args.out else RESULTS_DIR)
     import transformers
 
     from qlora_kernels.planner import plan_memory

@@ -11,8 +11,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import qlora_kernels as qk  # noqa: E402
+from qlora_kernels.checkpoint import enable_activation_checkpointing  # noqa: E402
 from qlora_kernels.planner import (  # noqa: E402
-    OPTIMIZERS, PRESETS, LiveTensorTracker, _optimizer_state_bytes, _simulate_optimizer, _static_terms,
+    OPTIMIZERS, PLAN_DEFAULTS, PRESETS, LiveTensorTracker, _optimizer_state_bytes, _simulate_optimizer, _static_terms,
     make_optimizer, measure_step, parse_bytes, plan_memory,
 )
 
@@ -28,7 +29,7 @@ def measured_peak(config, r, seq, batch, checkpointing, foreach=None):
     qk.prepare_model(model, r=r, verbose=False)
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=foreach)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     return measure_step(model, ids, opt)
@@ -65,13 +66,13 @@ def test_plan_counts_the_optimizer_step_temporaries():
     # (its default on a GPU) holds a float32 temporary per state at once: the step, not backward, is the peak
     config = tiny(2, 128, 256)
     plan = plan_memory(config, r=64, seq_len=8, batch_size=1, optimizer="adamw_torch", compute_dtype=torch.float32,
-                       device="cpu", foreach=True)
+                       device="cpu", foreach=True, gradient_checkpointing=False)
     extra = plan.terms["optimizer step temporaries beyond that"]
     assert extra > 0.05 * plan.total_bytes, plan.terms  # a plan without this term would miss by more than 5%
     measured = measured_peak(config, 64, 8, 1, False, foreach=True)
     assert abs(plan.total_bytes / measured - 1) <= 0.05, (plan.total_bytes, measured, plan.terms)
     single = plan_memory(config, r=64, seq_len=8, batch_size=1, optimizer="adamw_torch", compute_dtype=torch.float32,
-                         device="cpu")  # torch's CPU default: single-tensor, one tensor's temporaries at a time
+                         device="cpu", gradient_checkpointing=False)  # torch's CPU default: single-tensor, one tensor's temporaries at a time
     assert single.terms["optimizer step temporaries beyond that"] < extra  # (measured in the 5% tests above)
 
 
@@ -158,7 +159,15 @@ def test_bad_arguments():
         plan_memory("llama-7b", device="tpu")
     with pytest.raises(ValueError, match="device_memory: cannot read"):
         parse_bytes("lots")
-    assert parse_bytes("48GB") == 48 * 2**30 == parse_bytes("48 GiB")
+    assert parse_bytes("48GB") == 48 * 2**30 == parse_bytes("48 GiB") == parse_bytes("48g")
+    assert parse_bytes("1.5T") == int(1.5 * 2**40) and parse_bytes(12345) == 12345
+    for bad in ("0GB", "-48GB", 0, -1, float("nan"), float("inf"), "0.1B"):
+        with pytest.raises(ValueError, match="device_memory must be a size > 0"):
+            parse_bytes(bad)
+    with pytest.raises(ValueError, match="has no unit"):  # 48 bytes or 48 GB? the API refuses to guess
+        parse_bytes("48")
+    with pytest.raises(ValueError, match="device_memory must be a size > 0"):
+        plan_memory("llama-7b", device_memory="-48GB")  # before any simulation
 
 
 def test_plan_command(tmp_path, capsys):
@@ -173,7 +182,8 @@ def test_plan_command(tmp_path, capsys):
         assert row in out
     assert main(["plan", "llama-8b"]) == 2
     fits = [line for line in out.splitlines() if "largest" in line]
-    assert all(line.split(":")[-1].strip().isdigit() for line in fits), fits
+    assert all(line.split(":")[1].split()[0].isdigit() for line in fits), fits
+    assert "seq len at batch 2: 2048 (the model's max_position_embeddings: its cap, not the memory's limit)" in out
 
 
 def test_plan_command_passes_foreach(monkeypatch):
@@ -191,3 +201,117 @@ def test_plan_command_passes_foreach(monkeypatch):
     for flag, expected in (("on", True), ("off", False), ("default", None)):
         assert main(["plan", "llama-7b", "--optimizer", "adamw_torch", "--foreach", flag]) == 2
         assert seen[-1] is expected
+
+
+@pytest.mark.parametrize("step, limit", [(1, 1 << 16), (64, 2048), (64, 130), (1, 1), (64, 64)])
+def test_largest_equals_a_linear_scan(step, limit):
+    """The bisecting search gives what a scan of every multiple of `step` gives, for totals that grow with n
+    (linear, quadratic, flat stretches, far from the quadratic guess), in O(log) calls."""
+    from qlora_kernels.planner import _largest
+
+    shapes = [lambda n: 1000 + 37 * n, lambda n: 1000 + 37 * n + n * n // 50, lambda n: 5000 + (n // 300) * 9000,
+              lambda n: 10 ** 6 if n > 777 else 10, lambda n: 2 ** min(n, 60)]
+    for total_at in shapes:
+        for budget in (999, 1037, 5000, 123456, 10 ** 7, 10 ** 12):
+            calls = []
+
+            def counted(n):
+                calls.append(n)
+                return total_at(n)
+
+            got = _largest(counted, budget, limit, step)
+            scan = None
+            for n in range(step, limit // step * step + 1, step):
+                if total_at(n) > budget:
+                    break
+                scan = n
+            assert got == scan, (budget, got, scan)
+            assert len(calls) <= 8 + 3 * max(1, (limit // step).bit_length()), len(calls)
+            assert all(n % step == 0 and step <= n <= limit for n in calls)
+
+
+def test_plan_search_equals_the_linear_search_on_a_tiny_model():
+    """On a tiny model where a scan is cheap: max_seq_len and max_batch_size from plan_memory's search equal
+    scanning seq len (multiples of 64) and batch (one at a time) with separate plans of each size."""
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                      max_position_embeddings=512)
+    kw = dict(r=4, compute_dtype=torch.float32, device="cpu", optimizer="adamw_torch", gradient_checkpointing=False)
+    total = lambda s, b: plan_memory(config, seq_len=s, batch_size=b, **kw).total_bytes  # noqa: E731
+    budget = (total(320, 1) + total(384, 1)) // 2
+    plan = plan_memory(config, seq_len=64, batch_size=1, device_memory=budget, **kw)
+    seq = [n for n in range(64, 513, 64) if total(n, 1) <= budget]
+    assert seq == list(range(64, seq[-1] + 1, 64))  # grows with n: a scan stops at the first miss
+    batch = 1
+    while total(64, batch + 1) <= budget:
+        batch += 1
+    assert (plan.max_seq_len, plan.max_batch_size) == (seq[-1], batch) == (320, batch)
+    assert batch > 2
+
+
+def test_plan_says_when_the_position_cap_is_the_limit(capsys):
+    config = tiny(2, 64, 128, vocab=256)
+    config.max_position_embeddings = 256
+    plan = plan_memory(config, r=4, seq_len=64, batch_size=1, compute_dtype=torch.float32, device="cpu",
+                       device_memory="8GB", progress=True)
+    assert plan.max_seq_len == plan.seq_len_cap == 256
+    assert "largest seq len at batch 1: 256 (the model's max_position_embeddings: its cap" in plan.table()
+    err = capsys.readouterr().err  # progress: each simulated probe, on stderr
+    assert "plan: searching the largest seq len" in err and "seq 256 x batch 1:" in err and "fits" in err
+    with pytest.warns(UserWarning, match="seq_len 512 is beyond the model's max_position_embeddings 256"):
+        beyond = plan_memory(config, r=4, seq_len=512, batch_size=1, compute_dtype=torch.float32, device="cpu")
+    assert "note: seq_len 512 is beyond" in beyond.table()
+
+
+def test_one_set_of_defaults(monkeypatch):
+    """plan_memory's keyword defaults and the plan command's option defaults are PLAN_DEFAULTS, and the table
+    prints them."""
+    import inspect
+
+    import qlora_kernels.planner as planner
+    from qlora_kernels.__main__ import main
+
+    sig = inspect.signature(plan_memory).parameters
+    assert {k: sig[k].default for k in PLAN_DEFAULTS} == PLAN_DEFAULTS
+    seen = {}
+
+    def fake_plan(config, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(planner, "plan_memory", fake_plan)
+    assert main(["plan", "llama-7b", "--quiet"]) == 2
+    assert {k: seen[k] for k in PLAN_DEFAULTS} == PLAN_DEFAULTS
+    monkeypatch.undo()
+    table = plan_memory(tiny(1, 64, 128, vocab=256)).table()
+    for k, v in PLAN_DEFAULTS.items():
+        shown = str(v).replace("torch.", "") if not isinstance(v, bool) else ("on" if v else "off")
+        assert f"{k}={shown}" in table
+    assert "all of them the defaults" in table
+    assert "not the defaults: r (default 64)" in plan_memory(tiny(1, 64, 128, vocab=256), seq_len=64, r=8).table()
+
+
+def test_plan_command_gpu_sizes(capsys):
+    from qlora_kernels.__main__ import main
+
+    for bad in ("0GB", "-48GB", "0", "-3", "lots"):
+        with pytest.raises(SystemExit) as exc:
+            main(["plan", "llama-7b", "--gpu", bad])
+        assert exc.value.code == 2
+        assert "--gpu" in capsys.readouterr().err
+    from qlora_kernels.__main__ import _gpu_size
+
+    assert _gpu_size("48") == 48 * 2**30 == _gpu_size("48GB")  # a bare number is GB, as --help says
+    assert _gpu_size("0.5") == 2**29 and _gpu_size("500MB") == 500 * 2**20
+
+
+def test_no_future_warning_from_our_calls():
+    """transformers 5 deprecates gradient_checkpointing_enable (a FutureWarning on every call): a checkpointed
+    plan uses activation_checkpointing_enable."""
+    import warnings
+
+    config = tiny(2, 64, 128, vocab=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        plan_memory(config, r=4, seq_len=64, batch_size=1, compute_dtype=torch.float32, device="cpu",
+                    gradient_checkpointing=True)

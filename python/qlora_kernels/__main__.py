@@ -16,10 +16,12 @@ commands:
           --out DIR (keep the adapter) --device cpu|cuda --seed S
           --fsdp: shard over the processes of `torchrun --nproc-per-node N -m qlora_kernels demo --fsdp`
   info    print what is compiled and what is usable here (CPU SIMD path, CUDA kernels, Triton) and versions
-  plan    CONFIG [--seq 512] [--batch 1] [--r 64] [--gpu 48GB] [--optimizer paged_adamw_32bit]
-          [--no-gradient-checkpointing] [--dtype bfloat16] [--adapter-dtype D] [--device cuda|cpu]
-          the memory of one QLoRA training step, term by term, and what fits the GPU. CONFIG: a preset
-          (llama-7b, llama-13b, llama-33b, llama-65b, llama-3-8b, llama-3-70b), config.json or a model directory
+  plan    CONFIG [--gpu SIZE] [--seq N] [--batch N] [--r R] [--optimizer NAME] [--no-gradient-checkpointing]
+          [--dtype D] [--adapter-dtype D] [--device cuda|cpu] [--quiet]
+          the memory of one QLoRA training step, term by term, and what fits the GPU (--gpu: GB = GiB; a
+          bare number is GB). CONFIG: a preset (llama-7b, llama-13b, llama-33b, llama-65b, llama-3-8b,
+          llama-3-70b), config.json or a model directory. Defaults: qlora_kernels.planner.PLAN_DEFAULTS
+          (the QLoRA paper's recipe), printed with the plan; `plan --help` lists every option
 """
 
 
@@ -100,38 +102,76 @@ def main(argv=None) -> int:
     return 2
 
 
+def _gpu_size(text):
+    """--gpu: '48GB' / '80GiB' / '500MB', or a bare number read as GB (GiB); > 0."""
+    from .planner import parse_bytes
+
+    try:
+        bare = float(text)
+    except ValueError:
+        bare = None
+    try:
+        return parse_bytes(f"{text}GB" if bare is not None else text, name="--gpu")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _plan(rest) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*native extension _C not available.*")
-    parser = argparse.ArgumentParser(prog="python -m qlora_kernels plan")
+    import torch
+
+    from .planner import PLAN_DEFAULTS as D
+
+    dtypes = ["bfloat16", "float16", "float32"]
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    parser = argparse.ArgumentParser(
+        prog="python -m qlora_kernels plan",
+        description="The device memory of one QLoRA training step, term by term, and what fits --gpu. Defaults: "
+                    "qlora_kernels.planner.PLAN_DEFAULTS (plan_memory's too), printed with the plan. Progress "
+                    "goes to stderr.")
     parser.add_argument("config", help="preset name, config.json or model directory")
-    parser.add_argument("--seq", type=int, default=512, help="sequence length (tokens)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
-    parser.add_argument("--r", type=int, default=64, help="LoRA rank")
-    parser.add_argument("--gpu", default=None, help="device memory, e.g. 48GB (GB = GiB)")
-    parser.add_argument("--optimizer", default="paged_adamw_32bit")
-    parser.add_argument("--no-gradient-checkpointing", action="store_true")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--adapter-dtype", default="float32", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--target-modules", default="all-linear", help="all-linear, or comma-separated names")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--seq", type=_positive(int, "--seq"), default=D["seq_len"],
+                        help="sequence length (tokens; default %(default)s)")
+    parser.add_argument("--batch", type=_positive(int, "--batch"), default=D["batch_size"],
+                        help="sequences per micro-batch (default %(default)s)")
+    parser.add_argument("--r", type=_positive(int, "--r"), default=D["r"], help="LoRA rank (default %(default)s)")
+    parser.add_argument("--gpu", type=_gpu_size, default=None,
+                        help="device memory: 48GB, 80GiB, 500MB (GB = GiB); a bare number is GB (48 = 48 GiB)")
+    parser.add_argument("--optimizer", default=D["optimizer"], help="default %(default)s")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        default=D["gradient_checkpointing"], help="non-reentrant, per decoder layer")
+    parser.add_argument("--dtype", default=name(D["compute_dtype"]), choices=dtypes,
+                        help="compute dtype (default %(default)s)")
+    parser.add_argument("--adapter-dtype", default=name(D["adapter_dtype"]), choices=dtypes,
+                        help="LoRA weights' dtype (default %(default)s)")
+    parser.add_argument("--target-modules", default=D["target_modules"],
+                        help="all-linear, or comma-separated names (default %(default)s)")
+    parser.add_argument("--blocksize", type=_positive(int, "--blocksize"), default=D["blocksize"],
+                        help="NF4 block size (default %(default)s)")
+    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=D["double_quant"],
+                        help="quantize the NF4 scales too")
+    parser.add_argument("--device", default=D["device"], choices=["cuda", "cpu"])
     parser.add_argument("--foreach", default="default", choices=["default", "on", "off"],
                         help="torch AdamW's multi-tensor implementation for torch's optimizer names (default: "
                              "torch's own choice for --device, foreach on cuda)")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(rest)
-    import torch
 
-    from .planner import plan_memory
+    from . import planner
 
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     try:
-        plan = plan_memory(args.config, r=args.r, target_modules=targets, seq_len=args.seq, batch_size=args.batch,
-                           optimizer=args.optimizer, gradient_checkpointing=not args.no_gradient_checkpointing,
-                           compute_dtype=getattr(torch, args.dtype),
-                           adapter_dtype=getattr(torch, args.adapter_dtype),
-                           device=args.device, device_memory=args.gpu,
-                           foreach={"default": None, "on": True, "off": False}[args.foreach])
+        plan = planner.plan_memory(args.config, r=args.r, target_modules=targets, seq_len=args.seq,
+                                   batch_size=args.batch, optimizer=args.optimizer,
+                                   gradient_checkpointing=args.gradient_checkpointing,
+                                   compute_dtype=getattr(torch, args.dtype),
+                                   adapter_dtype=getattr(torch, args.adapter_dtype),
+                                   blocksize=args.blocksize, double_quant=args.double_quant,
+                                   device=args.device, device_memory=args.gpu,
+                                   foreach={"default": None, "on": True, "off": False}[args.foreach],
+                                   progress=not args.quiet)
     except (ValueError, TypeError) as exc:
         print(f"plan: {exc}", file=sys.stderr)
         return 2

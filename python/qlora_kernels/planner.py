@@ -29,12 +29,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .checkpoint import enable_activation_checkpointing
 from .model import find_target_modules
 from .nn import QLoRALinear
 from .weight import NF4Weight
 
-__all__ = ["plan_memory", "MemoryPlan", "LiveTensorTracker", "PRESETS", "OPTIMIZERS", "parse_bytes",
-           "make_optimizer"]
+__all__ = ["plan_memory", "MemoryPlan", "LiveTensorTracker", "PRESETS", "OPTIMIZERS", "PLAN_DEFAULTS",
+           "parse_bytes", "make_optimizer"]
 
 GiB = 2**30
 
@@ -72,22 +73,38 @@ CUDA_CONTEXT_BYTES = 1 * GiB
 FRAGMENTATION = 0.05
 
 
-def parse_bytes(size) -> int:
-    """'48GB' / '48GiB' / '500MB' / 12345 -> bytes. GB and GiB both mean 2**30, as GPU memory is quoted."""
-    if isinstance(size, (int, float)) and not isinstance(size, bool):
-        return int(size)
-    s = str(size).strip().upper().replace(" ", "")
-    for unit, mult in (("GIB", GiB), ("GB", GiB), ("G", GiB), ("MIB", 2**20), ("MB", 2**20), ("M", 2**20),
-                       ("KIB", 2**10), ("KB", 2**10), ("B", 1)):
-        if s.endswith(unit):
-            try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise ValueError(f"device_memory: cannot read {size!r} as a size (e.g. '48GB', '80GiB', 51539607552)") from None
+# The plan's defaults, in one place (plan_memory's keyword defaults and the `plan` command's options both read
+# them; the plan's first lines print every setting): the QLoRA paper's recipe (r = 64 on every Linear but
+# lm_head, seq 512 x batch 1, gradient checkpointing, paged 32-bit AdamW), bf16 compute and this package's
+# float32 adapters, NF4 with blocksize 64 and double quantization, on a CUDA device.
+PLAN_DEFAULTS = dict(r=64, target_modules="all-linear", seq_len=512, batch_size=1, optimizer="paged_adamw_32bit",
+                     gradient_checkpointing=True, compute_dtype=torch.bfloat16, adapter_dtype=torch.float32,
+                     blocksize=64, double_quant=True, device="cuda")
+
+_UNITS = (("TIB", 2**40), ("TB", 2**40), ("T", 2**40), ("GIB", GiB), ("GB", GiB), ("G", GiB), ("MIB", 2**20),
+          ("MB", 2**20), ("M", 2**20), ("KIB", 2**10), ("KB", 2**10), ("K", 2**10), ("B", 1))
+
+
+def parse_bytes(size, name: str = "device_memory") -> int:
+    """A memory size in bytes, > 0. '48GB' / '48GiB' / '500MB' / '1.5T' (GB and GiB both mean 2**30, as GPU
+    memory is quoted), or an int / float of bytes. A string needs its unit: '48' is refused (48 bytes or 48 GB?);
+    the `plan` command reads a bare number as GB itself. Raises ValueError naming `name`."""
+    if isinstance(size, bool):
+        raise ValueError(f"{name}: cannot read {size!r} as a size (e.g. '48GB', '80GiB', 51539607552)")
+    if isinstance(size, (int, float)):
+        value = size
+    else:
+        s = str(size).strip().upper().replace(" ", "")
+        unit = next(((u, m) for u, m in _UNITS if s.endswith(u)), None)
+        try:
+            value = float(s[: -len(unit[0])]) * unit[1] if unit else float(s)
+        except ValueError:
+            raise ValueError(f"{name}: cannot read {size!r} as a size (e.g. '48GB', '80GiB', 51539607552)") from None
+        if unit is None:
+            raise ValueError(f"{name}: {size!r} has no unit; write e.g. '{s}GB' (GiB) or pass an int of bytes")
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"{name} must be a size > 0, got {size!r}")
+    return int(value)
 
 
 # ------------------------------------------------------------------------------------------- the tracker
@@ -292,7 +309,12 @@ def _optimizer_state_bytes(params: list, optimizer: str) -> int:
 # --------------------------------------------------------------------------------------------- the plan
 @dataclass
 class MemoryPlan:
-    """Bytes of one QLoRA training step. `terms` (name -> bytes) add up to `total_bytes`."""
+    """Bytes of one QLoRA training step. `terms` (name -> bytes) add up to `total_bytes`.
+
+    With a device_memory: `fits`, `max_seq_len` (at the plan's batch size; None when none fits) and
+    `max_batch_size` (at its sequence length). `seq_len_cap` is the model's max_position_embeddings, the
+    largest sequence the search tries (a max_seq_len equal to it is that cap, not the memory's limit);
+    `batch_size_cap` the largest batch it tries. `notes`: what the table says below the figures (warnings)."""
 
     terms: dict
     total_bytes: int
@@ -302,6 +324,9 @@ class MemoryPlan:
     max_batch_size: Optional[int] = None
     settings: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
+    seq_len_cap: Optional[int] = None
+    batch_size_cap: Optional[int] = None
+    notes: list = field(default_factory=list)
 
     @property
     def tensor_bytes(self) -> int:
@@ -311,53 +336,82 @@ class MemoryPlan:
     def table(self) -> str:
         gib = lambda b: b / GiB  # noqa: E731
         s = self.settings
+        shown = {k: s[k] for k in PLAN_DEFAULTS if k in s}
+        changed = [k for k, v in shown.items() if v != PLAN_DEFAULTS[k]]
         lines = [f"QLoRA memory plan: {s.get('model')}, r={s.get('r')}, seq {s.get('seq_len')} x batch "
                  f"{s.get('batch_size')}, {s.get('optimizer')}, gradient checkpointing "
                  f"{'on' if s.get('gradient_checkpointing') else 'off'}, {str(s.get('compute_dtype'))[6:]}, "
                  f"{s.get('device')}",
+                 "  settings: " + ", ".join(f"{k}={_setting(v)}" for k, v in shown.items()),
+                 "  " + ("all of them the defaults" if not changed else "not the defaults: " + ", ".join(
+                     f"{k} (default {_setting(PLAN_DEFAULTS[k])})" for k in changed)),
                  f"  {'term':<44}{'GiB':>10}{'share':>8}"]
         for name, b in self.terms.items():
             lines.append(f"  {name:<44}{gib(b):>10.2f}{100 * b / max(1, self.total_bytes):>7.1f}%")
         lines.append(f"  {'total':<44}{gib(self.total_bytes):>10.2f}")
         if self.device_memory is not None:
             lines.append(f"  device memory {gib(self.device_memory):.2f} GiB: {'fits' if self.fits else 'does NOT fit'}")
-            lines.append(f"  largest seq len at batch {s.get('batch_size')}: "
-                         f"{self.max_seq_len if self.max_seq_len else 'none fits'}")
-            lines.append(f"  largest batch at seq len {s.get('seq_len')}: "
-                         f"{self.max_batch_size if self.max_batch_size else 'none fits'}")
+            seq = str(self.max_seq_len) if self.max_seq_len else "none fits"
+            if self.max_seq_len and self.max_seq_len == self.seq_len_cap:
+                seq += " (the model's max_position_embeddings: its cap, not the memory's limit)"
+            lines.append(f"  largest seq len at batch {s.get('batch_size')}: {seq}")
+            batch = str(self.max_batch_size) if self.max_batch_size else "none fits"
+            if self.max_batch_size and self.max_batch_size == self.batch_size_cap:
+                batch += " (the search's limit; more may fit)"
+            lines.append(f"  largest batch at seq len {s.get('seq_len')}: {batch}")
         c = self.counts
         lines.append(f"  ({c.get('nf4_params', 0) / 1e9:.2f} B params in NF4 over {c.get('nf4_layers', 0)} layers, "
                      f"{c.get('dense_params', 0) / 1e9:.3f} B dense, {c.get('lora_params', 0) / 1e6:.1f} M LoRA)")
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
 
 
+def _setting(v) -> str:
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+_D = PLAN_DEFAULTS
+
+
 def plan_memory(
     config_or_model,
     *,
-    r: int = 16,
-    target_modules: Union[str, Iterable[str]] = "all-linear",
-    seq_len: int = 512,
-    batch_size: int = 1,
-    optimizer: str = "adamw_torch",
-    gradient_checkpointing: bool = False,
-    compute_dtype: torch.dtype = torch.bfloat16,
-    adapter_dtype: Optional[torch.dtype] = torch.float32,
-    blocksize: int = 64,
-    double_quant: bool = True,
-    device: str = "cuda",
+    r: int = _D["r"],
+    target_modules: Union[str, Iterable[str]] = _D["target_modules"],
+    seq_len: int = _D["seq_len"],
+    batch_size: int = _D["batch_size"],
+    optimizer: str = _D["optimizer"],
+    gradient_checkpointing: bool = _D["gradient_checkpointing"],
+    compute_dtype: torch.dtype = _D["compute_dtype"],
+    adapter_dtype: Optional[torch.dtype] = _D["adapter_dtype"],
+    blocksize: int = _D["blocksize"],
+    double_quant: bool = _D["double_quant"],
+    device: str = _D["device"],
     device_memory=None,
     foreach: Optional[bool] = None,
+    progress: bool = False,
 ) -> MemoryPlan:
     """Plan the device memory of one QLoRA training step (forward with labels, backward, optimizer step).
+
+    The defaults are PLAN_DEFAULTS (the QLoRA paper's recipe: r = 64 on every Linear but lm_head, seq 512 x
+    batch 1, gradient checkpointing, paged_adamw_32bit; bf16 compute, float32 adapters, on "cuda"), the same
+    as the `python -m qlora_kernels plan` command's; the plan's table prints every setting.
 
     Args:
         config_or_model: a preset ("llama-7b", "llama-13b", "llama-33b", "llama-65b", "llama-3-8b",
             "llama-3-70b"), a config.json path or model directory, a dict or transformers config, or a model.
         r, target_modules, blocksize, double_quant: as load_pretrained / prepare_model.
-        seq_len, batch_size: tokens per sequence and sequences per step (per micro-batch).
+        seq_len, batch_size: tokens per sequence and sequences per step (per micro-batch). A seq_len beyond the
+            model's max_position_embeddings is planned, with a warning (and a note in the table).
         optimizer: transformers' names ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit",
             ...) or this package's ("AdamW8bit", "PagedAdamW", "PagedAdamW8bit").
         gradient_checkpointing: transformers' non-reentrant activation checkpointing per decoder layer.
@@ -365,12 +419,19 @@ def plan_memory(
             prepare_model stores them; None: compute_dtype).
         device: "cuda" (fused Triton linear, no dequantize scratch; adds the context + fragmentation allowance)
             or "cpu" (the native path dequantizes W to a scratch buffer; no allowance).
-        device_memory: bytes or "48GB" (GiB): fills fits, max_seq_len and max_batch_size.
+        device_memory: bytes (> 0) or "48GB" (GiB; a string needs its unit): fills fits, max_seq_len (up to
+            max_position_embeddings) and max_batch_size (up to 65536), each found by bisection over simulated
+            steps (the fit grows with both).
         foreach: torch AdamW's implementation (None: torch's default for `device`, foreach on "cuda"; its
             temporaries hold a float32 copy of every state at once, single-tensor ones only the largest).
+        progress: print each simulated step and search probe to stderr (the command line does).
     Returns:
         MemoryPlan with terms (name -> bytes) summing to total_bytes.
     """
+    import sys
+    import time
+    import warnings
+
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
     for name, v in (("seq_len", seq_len), ("batch_size", batch_size), ("r", r)):
@@ -378,64 +439,140 @@ def plan_memory(
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    dev_mem = None if device_memory is None else parse_bytes(device_memory)
     config, model = _load_config(config_or_model)
     if config is None:
         raise ValueError("config_or_model: a model without a transformers .config cannot be planned")
     opts = dict(r=r, target_modules=target_modules, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype, adapter_dtype=adapter_dtype or compute_dtype, optimizer=optimizer,
                 gradient_checkpointing=gradient_checkpointing, device=device, foreach=foreach)
+    start = time.perf_counter()
+
+    def say(msg):
+        if progress:
+            print(f"plan: {msg} [{time.perf_counter() - start:.1f} s]", file=sys.stderr, flush=True)
+
+    cap = getattr(config, "max_position_embeddings", None)
+    notes = []
+    if cap and seq_len > cap:
+        notes.append(f"seq_len {seq_len} is beyond the model's max_position_embeddings {cap}: planned as asked, "
+                     "but the model was not trained on positions that far")
+        warnings.warn(f"plan_memory: {notes[-1]}", stacklevel=2)
     static = _static_terms(config, opts)
-    dev_mem = None if device_memory is None else parse_bytes(device_memory)
     sim = _Simulator(config, opts)
+    depth = config.num_hidden_layers
+    say(f"simulating a step at seq {seq_len} x batch {batch_size} on fake tensors "
+        f"({'all ' + str(depth) if depth <= 3 else '2 and 3 of ' + str(depth)} decoder layers)")
     terms, total = _assemble(static, sim.run(seq_len, batch_size), opts)
     plan = MemoryPlan(terms=terms, total_bytes=total, device_memory=dev_mem,
-                      settings=dict(model=_model_name(config_or_model, config), r=r, seq_len=seq_len,
-                                    batch_size=batch_size, optimizer=optimizer,
-                                    gradient_checkpointing=gradient_checkpointing, compute_dtype=compute_dtype,
-                                    device=device),
-                      counts=static["counts"])
+                      settings=dict(model=_model_name(config_or_model, config), r=r,
+                                    target_modules=target_modules if isinstance(target_modules, str)
+                                    else list(target_modules), seq_len=seq_len, batch_size=batch_size,
+                                    optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
+                                    compute_dtype=compute_dtype, adapter_dtype=opts["adapter_dtype"],
+                                    blocksize=blocksize, double_quant=double_quant, device=device),
+                      counts=static["counts"], notes=notes)
     if dev_mem is not None:
         plan.fits = total <= dev_mem
         total_at = lambda s, b: _assemble(static, sim.run(s, b), opts)[1]  # noqa: E731
-        limit = getattr(config, "max_position_embeddings", None) or 1 << 20
-        plan.max_seq_len = _largest(lambda n: total_at(n, batch_size), dev_mem, limit, SEQ_GRANULARITY)
-        plan.max_batch_size = _largest(lambda n: total_at(seq_len, n), dev_mem, 1 << 16, 1)
+        plan.seq_len_cap = cap or 1 << 20
+        plan.batch_size_cap = MAX_BATCH
+        gib = dev_mem / GiB
+        say(f"searching the largest seq len at batch {batch_size} (multiples of {SEQ_GRANULARITY} up to "
+            f"{plan.seq_len_cap}) that fits {gib:.2f} GiB")
+        plan.max_seq_len = _largest(lambda n: total_at(n, batch_size), dev_mem, plan.seq_len_cap, SEQ_GRANULARITY,
+                                    lambda n, t: say(f"  seq {n} x batch {batch_size}: {t / GiB:.2f} GiB, "
+                                                     f"{'fits' if t <= dev_mem else 'too big'}"))
+        say(f"searching the largest batch at seq len {seq_len} (up to {MAX_BATCH})")
+        plan.max_batch_size = _largest(lambda n: total_at(seq_len, n), dev_mem, MAX_BATCH, 1,
+                                       lambda n, t: say(f"  seq {seq_len} x batch {n}: {t / GiB:.2f} GiB, "
+                                                        f"{'fits' if t <= dev_mem else 'too big'}"))
+    say("done")
     return plan
 
 
 SEQ_GRANULARITY = 64  # max_seq_len is reported as a multiple of this
+MAX_BATCH = 1 << 16  # the batch search's upper end
 
 
-def _largest(total_at, budget: int, limit: int, step: int) -> Optional[int]:
-    """Largest multiple n of `step` in [step, limit] with total_at(n) <= budget (total_at grows with n), None when
-    `step` does not fit. A quadratic through three simulated points gives the candidate (activations grow
-    linearly in tokens, attention scores quadratically in sequence length); simulations around it confirm it."""
-    fits = lambda n: total_at(n) <= budget  # noqa: E731
-    if not fits(step):
+def _largest(total_at, budget: int, limit: int, step: int, probed=None) -> Optional[int]:
+    """Largest multiple n of `step` in [step, limit] with total_at(n) <= budget, None when `step` does not fit.
+    total_at grows with n, so this equals a scan of every multiple; it costs O(log(limit / step)) calls.
+
+    The search keeps a bracket: the largest size known to fit and the smallest known not to. A quadratic through
+    three points (activations grow linearly in tokens, attention scores quadratically in sequence length) gives
+    the first guess; then each probe is where the line through the bracket's ends (before there is an upper
+    end: through the two largest fitting sizes) meets the budget, which lands on or next to the answer when the
+    total is near-linear, as it is in the batch. A probe that leaves more than half of the bracket is followed
+    by a bisection, and after two extrapolations in a row that both fit the next probe at least doubles, so a
+    total of any shape still takes O(log) probes. `probed(n, total)` is told of every call."""
+    seen = {}
+
+    def y(k):  # the total at n = k * step
+        if k not in seen:
+            seen[k] = total_at(k * step)
+            if probed is not None:
+                probed(k * step, seen[k])
+        return seen[k]
+
+    top = limit // step
+    if top < 1 or y(1) > budget:
         return None
-    xs = [step, 2 * step, 4 * step]
-    ys = [float(total_at(x)) for x in xs]
-    # Newton form of the quadratic through the three points
-    d1 = (ys[1] - ys[0]) / (xs[1] - xs[0])
-    d2 = ((ys[2] - ys[1]) / (xs[2] - xs[1]) - d1) / (xs[2] - xs[0])
-    a, b, c = d2, d1 - d2 * (xs[0] + xs[1]), ys[0] - d1 * xs[0] + d2 * xs[0] * xs[1]
-    c -= budget
-    if abs(a) < 1e-12:
-        root = -c / b if b > 0 else float(limit)
-    else:
-        disc = b * b - 4 * a * c
-        root = (-b + math.sqrt(disc)) / (2 * a) if disc >= 0 else float(limit)
-    n = max(step, min(limit, int(root)) // step * step)
-    while n > step and not fits(n):
-        n -= step
-    while n + step <= limit and fits(n + step):
-        n += step
-    return n
+    lo, hi = 1, top + 1  # y(lo) <= budget; hi does not fit (top + 1: past the limit, never probed)
+
+    def probe(k):
+        nonlocal lo, hi
+        if y(k) <= budget:
+            lo = max(lo, k)
+        else:
+            hi = min(hi, k)
+
+    ks = sorted({1, min(2, top), min(4, top)})
+    for k in ks:
+        probe(k)
+    if hi - lo <= 1:
+        return lo * step
+    k = None
+    if len(ks) == 3:  # Newton form of the quadratic through the three points
+        ys = [float(seen[k]) for k in ks]
+        d1 = (ys[1] - ys[0]) / (ks[1] - ks[0])
+        d2 = ((ys[2] - ys[1]) / (ks[2] - ks[1]) - d1) / (ks[2] - ks[0])
+        a, b, c = d2, d1 - d2 * (ks[0] + ks[1]), ys[0] - d1 * ks[0] + d2 * ks[0] * ks[1] - budget
+        if abs(a) < 1e-12:
+            root = -c / b if b > 0 else None
+        else:
+            disc = b * b - 4 * a * c
+            root = (-b + math.sqrt(disc)) / (2 * a) if disc >= 0 else None
+        if root is not None and math.isfinite(root):
+            k = int(min(max(math.floor(root), lo + 1), hi - 1))
+    fits_in_a_row = 0  # line extrapolations (no upper end yet) that fitted
+    while hi - lo > 1:
+        from_line = k is None
+        if from_line:
+            if hi <= top:  # a bracket: the line through its ends
+                x0, x1 = lo, hi
+            else:  # no upper end yet: the line through the two largest fitting sizes
+                x0, x1 = sorted(x for x, v in seen.items() if v <= budget)[-2:]
+            y0, y1 = float(seen[x0]), float(seen[x1])
+            if y1 > y0:
+                k = math.floor(x0 + (budget - y0) * (x1 - x0) / (y1 - y0))
+            else:  # flat: the line says nothing
+                k = (lo + hi) // 2 if hi <= top else 2 * lo
+            if hi > top and fits_in_a_row >= 2:  # the line keeps falling short: at least double
+                k = max(k, 2 * lo)
+            k = min(max(k, lo + 1), hi - 1)
+        width, unbracketed = hi - lo, hi > top
+        probe(k)
+        fits_in_a_row = fits_in_a_row + 1 if from_line and unbracketed and hi > top else 0
+        k = (lo + hi) // 2 if hi <= top and 2 * (hi - lo) > width and not unbracketed else None
+    return lo * step
 
 
 def _model_name(arg, config) -> str:
     if isinstance(arg, str) and arg in PRESETS:
         return arg
+    if isinstance(arg, (str, os.PathLike)):
+        return str(arg)
     return getattr(config, "_name_or_path", None) or getattr(config, "model_type", "model")
 
 
@@ -540,7 +677,7 @@ class _Simulator:
                 m._weight_cache = None
         model.train()
         if opts["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         head = model.get_output_embeddings()
         tracker = LiveTensorTracker(descend=scratch_ops() if opts["device"] == "cpu" else ())
         for t in list(model.parameters()) + list(model.buffers()):
