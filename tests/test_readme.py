@@ -73,3 +73,123 @@ def test_readme_plans_are_what_the_current_planner_computes():
             assert total(seq_len=seq, batch_size=1) <= budget
             assert seq == row["seq_len_cap"] or budget < total(seq_len=seq + SEQ_GRANULARITY, batch_size=1)
             assert total(batch_size=batch) <= budget < total(batch_size=batch + 1)
+
+
+# ------------------------------------------------------------------------- the README's code, run as written
+# Every ```python block of README.md runs, in order and unchanged, in one temporary directory that stands in for
+# a user's: "meta-llama/Llama-3.1-8B" and "llama-3.1-8b" are a tiny bf16 Llama checkpoint with a word-level
+# tokenizer (transformers' from_pretrained takes a local directory of that name before the hub), "qwen3-30b-a3b"
+# a tiny bf16 Qwen3-MoE checkpoint, train.txt eight short lines. torch.distributed's environment is that of a
+# one-process torchrun (gloo), so the FSDP2 block shards over one rank. The blocks share the directory (one
+# loads the adapter another saved), not their variables.
+WORDS = "the a cat dog sat on mat ran to park and is was big small red blue".split()
+TRAIN_LINES = ["the cat sat on the mat", "a dog ran to the park", "the big red dog is small",
+               "a blue cat was on the mat"] * 2
+
+
+def readme_python_blocks(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+
+
+def _tiny_checkpoints(root: Path) -> None:
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                                     bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    llama = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(llama).to(torch.bfloat16)
+    for name in ("meta-llama/Llama-3.1-8B", "llama-3.1-8b"):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    moe = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                      num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    transformers.Qwen3MoeForCausalLM(moe).to(torch.bfloat16).save_pretrained(root / "qwen3-30b-a3b")
+    (root / "train.txt").write_text("\n".join(TRAIN_LINES) + "\n")
+
+
+def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
+    _source_tree()
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    pytest.importorskip("tokenizers")
+    import torch.distributed as dist
+
+    blocks = readme_python_blocks((ROOT / "README.md").read_text())
+    assert len(blocks) >= 5, "README.md lost its python blocks"
+    _tiny_checkpoints(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    torchrun_env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                        WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    for i, code in enumerate(blocks):
+        last = code.strip().splitlines()[-1]
+        distributed = "init_process_group" in code  # only that block runs "under torchrun": with RANK set,
+        with monkeypatch.context() as env:           # Trainer (accelerate) would start a process group itself
+            if distributed:
+                for key, value in torchrun_env.items():
+                    env.setenv(key, value)
+            try:
+                exec(compile(code, f"README.md python block {i + 1}", "exec"), {"__name__": "__readme__"})
+            except Exception as e:
+                raise AssertionError(f"README.md python block {i + 1} (ending {last!r}) failed: {e!r}") from e
+            finally:
+                if distributed and dist.is_initialized():
+                    dist.destroy_process_group()
+    assert (tmp_path / "llama-lora" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "llama-merged" / "config.json").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_readme_and_docs_links_resolve():
+    """Every relative link in README.md and docs/*.md names a file that exists and, with a #fragment, a heading
+    of it (GitHub's anchors: lower case, punctuation dropped, spaces to hyphens)."""
+    import re
+
+    _source_tree()
+
+    def anchors(path: Path) -> set:
+        heads = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(docs) >= 5, "docs/ is missing"
+    for doc in docs:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, frag = target.partition("#")
+            path = (doc.parent / file).resolve() if file else doc
+            assert path.is_file(), f"{doc.name}: link to {target} names no file"
+            if frag:
+                assert frag in anchors(path), f"{doc.name}: link to {target}: no such heading"
+
+
+def test_readme_keeps_the_commands_ci_runs():
+    """.ci/run reads the indented lines of the README's "## Tests" and "## Demo" sections and runs them exactly."""
+    import re
+
+    _source_tree()
+    text = (ROOT / "README.md").read_text()
+
+    def commands(name):
+        section = re.search(rf"^## {name}\n(.*?)(?=^## |\Z)", text, re.S | re.M).group(1)
+        return [ln.strip() for ln in section.splitlines() if ln.startswith("    ") and ln.strip()]
+
+    assert commands("Tests") == ['pip install torch==2.13.0 && pip install ".[test]" && python -m pytest -q']
+    assert commands("Demo") == ['pip install torch==2.13.0 && pip install ".[demo]"', "python -m qlora_kernels demo"]
