@@ -14,12 +14,17 @@ bitsandbytes 4-bit nf4 config instead, which transformers + bitsandbytes load (t
 
 What trainers read, and what they then do:
 - `model.is_quantized` True, `model.quantization_method` "qlora_kernels", `config.quantization_config`.
-- `model.is_loaded_in_4bit` True when bitsandbytes is importable: PEFT's `prepare_model_for_kbit_training`
-  then enables gradient checkpointing and input grads, TRL casts trainable parameters to bf16 (its QLoRA rule),
-  and Trainer does no DataParallel, exactly as for a bitsandbytes 4-bit model. Without bitsandbytes it is not
-  set, because transformers' `num_parameters()` (called by Trainer every step for its FLOP count) imports
-  bitsandbytes whenever it is: then `prepare_model_for_kbit_training` only freezes and upcasts, and gradient
-  checkpointing is the trainer's (`gradient_checkpointing=True`) to enable.
+- `model.is_loaded_in_4bit` is NOT set, by choice. Where trainers test it, they then treat the model as a
+  float model with a frozen base, which is right here: TRL keeps the trainable parameters as they are (PEFT's
+  float32 adapter masters) instead of casting them to bf16, so a resumed run is bit-identical (with the flag,
+  TRL's bf16 cast and PEFT's float32 re-load of the adapters on resume made a 4-step SFTTrainer run diverge at
+  step 4: loss 4.86308 vs 4.86355, tests/test_trl_sft.py); transformers' `num_parameters()` (Trainer's FLOP
+  count, every step) does not import bitsandbytes, which it does whenever the flag is set.
+  Where this does not do what a bitsandbytes user expects: PEFT's `prepare_model_for_kbit_training` only
+  freezes and upcasts (it enables gradient checkpointing and input grads only for is_loaded_in_4bit/8bit or
+  methods it knows): pass `gradient_checkpointing=True` to the trainer (TRL then enables input grads for a PEFT
+  model itself) or call `model.gradient_checkpointing_enable()` and `model.enable_input_require_grads()`; and
+  Trainer may wrap the model in DataParallel on several GPUs, as for any unquantized model.
 - `prepare_model_for_kbit_training` upcasts float16/bfloat16 *parameters* to float32; the NF4 codes and scales
   are buffers (uint8 codes, float32 scales), so they are never cast. It does upcast the NF4 layers' biases,
   norms, embeddings and lm_head, as it does for bitsandbytes.
@@ -296,7 +301,6 @@ def _build_classes():
                     m.bias.requires_grad_(False)  # the quantized layer is frozen as a whole, as NF4Linear's own
             # the modules actually kept dense: a saved model reloads with exactly these
             self.quantization_config.modules_to_not_convert = list(self.modules_to_not_convert)
-            model.is_loaded_in_4bit = _bitsandbytes_importable()
             return model
 
         def is_serializable(self):
@@ -318,8 +322,6 @@ def _build_classes():
                             lin.bias.copy_(module.bias)
                     parent, child = _module_of(model, name)
                     parent._modules[child] = lin
-            if hasattr(model, "is_loaded_in_4bit"):
-                del model.is_loaded_in_4bit
             return model
 
         def get_quantize_ops(self):
@@ -352,12 +354,6 @@ def _hide_nf4_buffers(model) -> None:
             yield name, buf
 
     model.named_non_persistent_buffers = named_non_persistent_buffers
-
-
-def _bitsandbytes_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 _QUANTIZER = None
