@@ -69,7 +69,8 @@ def prepare(model):
     """embed and layer 0 double-quantized, layer 1 and out without (float32 scales, sharded as their bytes)."""
     import qlora_kernels as qk
 
-    qk.prepare_model(model, target_modules=["embed", "layers.0.up", "layers.0.down"], r=4, alpha=8, verbose=False)
+    qk.prepare_model(model, target_modules=["embed", "layers.0.up", "layers.0.down"], r=4, alpha=8, verbose=False,
+                     quantize="targets")  # the rest stays dense until the second call quantizes it its own way
     qk.prepare_model(model, target_modules=["layers.1.up", "layers.1.down", "out"], r=4, alpha=8,
                      double_quant=False, verbose=False)
 
@@ -120,7 +121,13 @@ def _entry(rank, world, port, out_dir, fn_name):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     try:
-        result = globals()[fn_name](rank, world, out_dir)
+        if ":" in fn_name:  # "module:function" of another test file (tests/ is on the spawned path too)
+            import importlib
+
+            module, _, fn_name = fn_name.partition(":")
+            result = getattr(importlib.import_module(module), fn_name)(rank, world, out_dir)
+        else:
+            result = globals()[fn_name](rank, world, out_dir)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
@@ -131,7 +138,8 @@ def _entry(rank, world, port, out_dir, fn_name):
 
 
 def spawn(fn_name, out_dir, world=WORLD):
-    """Run globals()[fn_name](rank, world, out_dir) on `world` processes; their results, rank by rank."""
+    """Run globals()[fn_name](rank, world, out_dir) (or "module:function") on `world` processes; their results,
+    rank by rank."""
     ctx = mp.start_processes(_entry, args=(world, _free_port(), str(out_dir), fn_name), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -158,11 +166,11 @@ def _run_a(rank, world, out_dir):
 
     # --- shapes, bytes, exact unshard
     model = make_model()
-    before = {n: (m.weight_packed.clone(), m.weight_absmax.clone()) for n, m in qk.model.qlora_modules(model).items()}
+    before = {n: (m.weight.packed.clone(), m.weight.absmax.clone()) for n, m in qk.model.qlora_modules(model).items()}
     qd.shard_model(model, verbose=False)
-    res["layer_types"] = {n: type(m).__name__ for n, m in qk.model.qlora_modules(model).items()}
+    res["row_layout"] = {n: m.row_layout for n, m in qk.model.qlora_modules(model).items()}
     res["local_shapes"] = {n: (tuple(m.weight_packed.to_local().shape), tuple(m.weight_absmax.to_local().shape))
-                           for n, m in qk.model.qlora_modules(model).items() if isinstance(m, qd.ShardedQLoRALinear)}
+                           for n, m in qk.model.qlora_modules(model).items() if m.row_layout}
     res["lora_local_shapes"] = {n: tuple(p.to_local().shape) for n, p in model.named_parameters() if "lora_" in n}
     res["bytes"] = qd.nf4_shard_bytes(model)
     exact = {}
@@ -240,12 +248,6 @@ def run_a(tmp_path_factory):
     return out, spawn("_run_a", out)
 
 
-def _reference_flat(model):
-    import qlora_kernels as qk
-
-    return {n: (m.weight_packed.clone(), m.weight_absmax.clone()) for n, m in qk.model.qlora_modules(model).items()}
-
-
 def test_each_rank_holds_its_rows_of_every_nf4_weight(run_a):
     _, res = run_a
     model = make_model()
@@ -253,7 +255,7 @@ def test_each_rank_holds_its_rows_of_every_nf4_weight(run_a):
     sharded = {n for n, m in layers.items() if m.in_features % m.blocksize == 0}
     assert sharded == {"layers.0.up", "layers.1.up", "out"}
     for rank, r in enumerate(res):
-        assert {n for n, t in r["layer_types"].items() if t == "ShardedQLoRALinear"} == sharded
+        assert {n for n, row in r["row_layout"].items() if row} == sharded
         for n in sharded:
             m = layers[n]
             rows = torch.arange(m.out_features).chunk(WORLD)[rank].numel()  # 95 rows: 48 + 47
@@ -322,7 +324,7 @@ def test_full_state_dict_loads_single_process_and_in_bitsandbytes(run_a):
     model.load_state_dict(full)
     for (n, m), r in zip(qk.model.qlora_modules(model).items(), qk.model.qlora_modules(ref).values()):
         w = qk.NF4Weight.from_state_dict(full, prefix=n + ".weight")
-        assert torch.equal(w.packed, r.weight_packed) and torch.equal(w.absmax, r.weight_absmax), n
+        assert torch.equal(w.packed, r.weight.packed) and torch.equal(w.absmax, r.weight.absmax), n
         assert torch.equal(m.weight_packed, r.weight_packed) and torch.equal(m.weight_absmax, r.weight_absmax), n
     trained = res[0]["trained"][(True, True, False)]
     for k, v in trained.items():
@@ -416,28 +418,32 @@ def test_meta_init_load_from_rank0_and_a_failing_rank(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- single process
-def test_row_layout_round_trip_in_one_process():
+def test_row_layout_from_the_start_in_one_process():
+    """Every shardable NF4 layer holds its codes and scales as frozen uint8 parameters by rows as soon as it is
+    prepared (what plain fully_shard shards); its state dict still has the bitsandbytes keys."""
+    import qlora_kernels as qk
     from qlora_kernels import distributed as qd
 
     model = make_model()
     x, _ = batch()
     want, sd = model(x), model.state_dict()
-    replicated = qd.to_row_layout(model)
-    assert replicated == ["embed", "layers.0.down", "layers.1.down"]  # in_features 16 and 95: blocks straddle rows
+    assert qd.to_row_layout(model) == ["embed", "layers.0.down", "layers.1.down"]  # in_features 16, 95: straddle
     up = model.layers[1].up
-    assert type(up).__name__ == "ShardedQLoRALinear" and isinstance(up.weight_packed, nn.Parameter)
+    assert type(up) is qk.QLoRALinear and up.row_layout and isinstance(up.weight_packed, nn.Parameter)
     assert up.weight_packed.dtype == up.weight_absmax.dtype == torch.uint8 and not up.weight_packed.requires_grad
-    assert up.weight_absmax.shape == (95, 4)  # one float32 scale (4 bytes) per row at K = 64
-    assert torch.equal(model(x), want)
-    assert torch.equal(up.weight.dequantize(), make_model().layers[1].up.weight.dequantize())
-    qd.to_flat_layout(model)
+    assert up.weight_packed.shape == (95, 32) and up.weight_absmax.shape == (95, 4)  # float32 scale as 4 bytes
+    assert not model.layers[0].down.row_layout and "weight_packed" in model.layers[0].down._buffers
+    assert any(k.endswith("up.weight.absmax") for k in sd) and not any("weight_packed" in k for k in sd)
+    assert qd.to_flat_layout(model) is model and torch.equal(model(x), want)
     got = model.state_dict()
     assert list(got) == list(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
-    qd.to_row_layout(model)
     packed = up.weight_packed.clone()
     model.half()  # dtype moves cast the adapters, never the integer NF4 parameters
     assert up.weight_packed.dtype == torch.uint8 and torch.equal(up.weight_packed, packed)
     assert up.lora_A.weight.dtype == torch.float16
+    model.type(torch.float64)  # casts everything it is given: the NF4 tensors take only the device part
+    assert up.weight_packed.dtype == torch.uint8 and torch.equal(up.weight_packed, packed)
+    assert model.layers[0].up.weight_nested_absmax.dtype == torch.float32
 
 
 def test_shard_model_says_what_is_missing():

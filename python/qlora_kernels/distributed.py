@@ -2,17 +2,21 @@
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards parameters on dim 0 and leaves buffers replicated; a
 MixedPrecisionPolicy casts floating parameters but never integer ones, and its all-gather moves mixed dtypes
-as raw bytes. So `shard_model` stores each QLoRALinear's NF4 weight by rows as frozen uint8 parameters:
+as raw bytes. So every NF4Linear / QLoRALinear stores its NF4 weight by rows as frozen uint8 parameters from
+the moment it is built (nn.py; one storage, whoever built the model: prepare_model, load_pretrained,
+from_pretrained(quantization_config=NF4Config), PEFT on top of them):
 
     weight_packed   uint8 [N, K / 2]             the packed codes of row i are bytes [i K/2, (i+1) K/2)
     weight_absmax   uint8 [N, K / blocksize]     double-quantized scale codes (row i owns its K / blocksize blocks)
                     uint8 [N, 4 K / blocksize]   without double quantization: the float32 scales' bytes
     weight_nested_absmax, weight_offset          float32 buffers (one per 256 blocks: small), replicated
 
-Each rank then holds ceil(N / world) rows of every NF4 weight (FSDP2 pads the last rank), the all-gather
-before a layer's forward and backward rebuilds the exact bytes, and no cast can touch them. This needs
-blocks that do not straddle rows (in_features % blocksize == 0, true of every real model); other layers keep
-their flat buffers, replicated on every rank, and `shard_model` says so once.
+A launcher that calls `fully_shard` on each decoder layer and the root itself (accelerate's FSDP2 plugin,
+torchtitan, torchtune) therefore shards them with no call of ours: each rank holds ceil(N / world) rows of
+every NF4 weight (FSDP2 pads the last rank), the all-gather before a layer's forward and backward rebuilds
+the exact bytes, and no cast can touch them. This needs blocks that do not straddle rows (in_features %
+blocksize == 0, true of every real model); other layers keep flat buffers, replicated on every rank.
+`shard_model` is the convenience that makes those calls (and says which layers stay replicated).
 
 State dicts of a sharded model use the attribute names above (DTensors for the sharded ones): that is what
 torch.distributed.checkpoint saves (`save_sharded`) and reloads on any world size (`load_sharded`, also into
@@ -30,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .model import qlora_modules
-from .nn import QLoRALinear
+from .model import nf4_modules, qlora_modules
+from .nn import _NF4_BUFFERS, NF4Linear, QLoRALinear, _is_dtensor
 from .weight import NF4Weight
 
 __all__ = [
@@ -49,135 +53,43 @@ __all__ = [
 
 _REPLICATED = ("weight_nested_absmax", "weight_offset")
 
-
-def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+# Kept for code written against the former two-layout design: every QLoRALinear now stores its weight by
+# rows from the start, so the class a sharded layer has is QLoRALinear itself.
+ShardedQLoRALinear = QLoRALinear
 
 
-def _row_shardable(m: QLoRALinear) -> bool:
-    return m.in_features % m.blocksize == 0
+def _row_shardable(m: NF4Linear) -> bool:
+    return m.row_layout
 
 
-class ShardedQLoRALinear(QLoRALinear):
-    """A QLoRALinear whose packed codes and scale codes are frozen uint8 parameters in row layout
-    (see the module docstring), so that FSDP2 shards them on dim 0. Made by `to_row_layout`, not directly.
-
-    Outside forward, under FSDP2, the NF4 parameters are sharded DTensors: `weight` then raises (gather the
-    model with `full_state_dict`, a collective, instead).
-    """
-
-    def _nf4_tensors(self) -> tuple:
-        packed, absmax = self.weight_packed, self.weight_absmax
-        if _is_dtensor(packed) or _is_dtensor(absmax):
-            raise RuntimeError(
-                "this QLoRALinear's NF4 weight is sharded by FSDP2 (weight_packed is a DTensor): use it inside "
-                "forward, or gather it with qlora_kernels.distributed.full_state_dict(model) on every rank"
-            )
-        if self.weight_nested_absmax is None:  # float32 scales stored as their bytes: view them back
-            absmax = absmax.view(torch.float32)
-        return packed.reshape(-1), absmax.reshape(-1), self.weight_nested_absmax, self.weight_offset
-
-    def extra_repr(self) -> str:
-        nbytes = sum(t.numel() * t.element_size() for t in (self.weight_packed, self.weight_absmax,
-                                                              self.weight_nested_absmax, self.weight_offset)
-                     if t is not None)
-        dq = "double_quant" if self.weight_nested_absmax is not None else "single_quant"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"nf4(blocksize={self.blocksize}, {dq}, {8.0 * nbytes / (self.in_features * self.out_features):.3f} "
-            f"bits/param, row layout), r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, "
-            f"dropout={self.dropout:g}"
-        )
-
-    # The state dict holds the tensors under their attribute names (DTensors when sharded): the layout that
-    # torch.distributed.checkpoint saves and reshards. full_state_dict() writes the bitsandbytes keys.
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)  # weight_packed, weight_absmax, bias
-        for name in _REPLICATED:
-            t = getattr(self, name)
-            if t is not None:
-                destination[prefix + name] = t if keep_vars else t.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        own = {prefix + n for n in _REPLICATED}
-        for name in _REPLICATED:
-            t, key = getattr(self, name), prefix + name
-            if t is None:
-                continue
-            if key not in state_dict:
-                missing_keys.append(key)
-            elif tuple(state_dict[key].shape) != tuple(t.shape) or state_dict[key].dtype != t.dtype:
-                error_msgs.append(f"{key}: expected {t.dtype} {tuple(t.shape)}, got "
-                                  f"{state_dict[key].dtype} {tuple(state_dict[key].shape)}")
-            else:
-                with torch.no_grad():
-                    t.copy_(state_dict[key])
-        rest = {k: v for k, v in state_dict.items() if k not in own}
-        for key in rest:
-            if key == prefix + "weight" or key.startswith(prefix + "weight."):
-                error_msgs.append(f"{key}: this layer is in FSDP row layout (weight_packed, weight_absmax, ...); "
-                                  "load a bitsandbytes-keyed state dict into the model before shard_model")
-                break
-        nn.Module._load_from_state_dict(self, rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                        error_msgs)
+def _replicated_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in nf4_modules(model).items() if not m.row_layout]
 
 
 def to_row_layout(model: nn.Module) -> list[str]:
-    """Store every row-shardable QLoRALinear of `model` in row layout (in place; works on the meta device).
-
-    Returns the paths of the layers left as they are (in_features % blocksize != 0: their blocks straddle
-    rows, so their NF4 buffers can only be replicated). Idempotent.
-    """
-    replicated = []
-    for name, m in qlora_modules(model).items():
-        if isinstance(m, ShardedQLoRALinear):
-            continue
-        if not _row_shardable(m):
-            replicated.append(name)
-            continue
-        n, k = m.out_features, m.in_features
-        packed = m._buffers.pop("weight_packed").reshape(n, k // 2)
-        absmax = m._buffers.pop("weight_absmax")
-        if m.weight_nested_absmax is None:
-            absmax = absmax.view(torch.uint8)  # float32 scales as bytes: an integer parameter is never cast
-        m.weight_packed = nn.Parameter(packed.reshape(n, k // 2), requires_grad=False)
-        m.weight_absmax = nn.Parameter(absmax.reshape(n, -1), requires_grad=False)
-        m.__class__ = ShardedQLoRALinear
-        m._weight_cache = None
-    return replicated
+    """The paths of the NF4 layers whose weights FSDP2 cannot shard (in_features % blocksize != 0: their blocks
+    straddle rows, so their flat NF4 buffers stay replicated). Every other NF4 layer is in row layout already
+    (nn.py stores it so from the start); kept from the former design, where this converted the layers."""
+    return _replicated_layers(model)
 
 
 def to_flat_layout(model: nn.Module) -> nn.Module:
-    """Undo `to_row_layout` on a model that is not sharded (e.g. after `load_sharded` in one process):
-    every QLoRALinear gets its flat NF4 buffers and bitsandbytes state-dict keys back. In place."""
-    for name, m in qlora_modules(model).items():
-        if not isinstance(m, ShardedQLoRALinear):
-            continue
-        if _is_dtensor(m.weight_packed):
+    """Kept from the former design: a model that is not sharded already has its bitsandbytes state-dict keys
+    (the row layout is internal storage). Raises for a model FSDP2 shards (gather it with full_state_dict)."""
+    for name, m in nf4_modules(model).items():
+        if m._sharded():
             raise RuntimeError(f"{name} is sharded by FSDP2: gather it with full_state_dict() instead")
-        packed, absmax, _, _ = m._nf4_tensors()
-        del m.weight_packed, m.weight_absmax
-        m.register_buffer("weight_packed", packed.detach().reshape(-1, 1), persistent=False)
-        m.register_buffer("weight_absmax", absmax.detach().reshape(-1), persistent=False)
-        # keep the buffer order of QLoRALinear (packed, absmax, nested, offset)
-        for n in _REPLICATED:
-            m._buffers[n] = m._buffers.pop(n)
-        m.__class__ = QLoRALinear
-        m._weight_cache = None
     return model
 
 
 def find_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: the children of every outermost nn.ModuleList holding a
-    QLoRALinear (decoder layers of Hugging Face models: model.layers, encoder.layer, transformer.h, ...)."""
+    """The repeated blocks to shard one by one: the children of every outermost nn.ModuleList holding an
+    NF4Linear / QLoRALinear (decoder layers of Hugging Face models: model.layers, encoder.layer, ...)."""
     found, taken = [], []
     for name, m in model.named_modules():
         if not isinstance(m, nn.ModuleList) or any(name.startswith(t + ".") for t in taken):
             continue
-        kids = [c for c in m if any(isinstance(s, QLoRALinear) for s in c.modules())]
+        kids = [c for c in m if any(isinstance(s, NF4Linear) for s in c.modules())]
         if kids:
             found += kids
             taken.append(name)
@@ -195,6 +107,9 @@ def shard_model(model: nn.Module, mesh=None, *, layers: Optional[Iterable[nn.Mod
                 reshard_after_forward: bool = True, activation_checkpointing: bool = False,
                 compile: Union[bool, dict] = False, verbose: bool = True) -> nn.Module:
     """Shard a prepared model with FSDP2: `fully_shard` on each layer, then on the root. In place.
+
+    The NF4 weights are stored so that plain `fully_shard` shards them (see the module docstring): this
+    function is the convenience that finds the layers, warns about replicated ones and adds the options below.
 
     Args:
         model: a model after `prepare_model` (on its device, or on meta: see `load_from_rank0`).
@@ -218,8 +133,9 @@ def shard_model(model: nn.Module, mesh=None, *, layers: Optional[Iterable[nn.Mod
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("shard_model needs torch.distributed initialized (torchrun, or dist.init_process_group)")
-    if not qlora_modules(model):
-        raise ValueError(f"{type(model).__name__} has no QLoRALinear: call prepare_model(model) before shard_model")
+    if not nf4_modules(model):
+        raise ValueError(f"{type(model).__name__} has no NF4Linear / QLoRALinear: call prepare_model(model) "
+                         "before shard_model")
     if not isinstance(reshard_after_forward, bool):
         raise TypeError(f"reshard_after_forward must be a bool, got {reshard_after_forward!r}")
     if not isinstance(compile, (bool, dict)):
@@ -228,7 +144,7 @@ def shard_model(model: nn.Module, mesh=None, *, layers: Optional[Iterable[nn.Mod
     replicated = to_row_layout(model)
     if replicated and verbose and dist.get_rank() == 0:
         shown = ", ".join(replicated[:6]) + (" ..." if len(replicated) > 6 else "")
-        warnings.warn(f"{len(replicated)} QLoRALinear layer(s) have in_features % blocksize != 0 (NF4 blocks "
+        warnings.warn(f"{len(replicated)} NF4 layer(s) have in_features % blocksize != 0 (NF4 blocks "
                       f"straddle rows): their NF4 weights stay replicated on every rank: {shown}", stacklevel=2)
     layers = find_layers(model) if layers is None else list(layers)
     kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
@@ -251,8 +167,8 @@ def nf4_shard_bytes(model: nn.Module) -> dict:
     """Bytes of NF4 storage of `model` on this rank: {"sharded": local bytes of the row-layout codes,
     "replicated": nested scales, offsets and straddling layers' buffers, "total_unsharded": the whole weights}."""
     sharded = replicated = total = 0
-    for m in qlora_modules(model).values():
-        for name in ("weight_packed", "weight_absmax", "weight_nested_absmax", "weight_offset"):
+    for m in nf4_modules(model).values():
+        for name in _NF4_BUFFERS:
             t = getattr(m, name)
             if t is None:
                 continue
@@ -272,7 +188,7 @@ def _rank() -> int:
 
 
 def full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict:
-    """The whole model's state dict on CPU, with bitsandbytes Linear4bit keys for every QLoRALinear (what a
+    """The whole model's state dict on CPU, with bitsandbytes Linear4bit keys for every NF4 layer (what a
     single-process prepared model's `state_dict()` holds; loads with `load_state_dict` / NF4Weight.from_state_dict).
 
     A collective: call it on every rank. Sharded tensors are all-gathered one at a time; with rank0_only the
@@ -287,10 +203,10 @@ def full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict:
             out[key] = t.detach().cpu()
     if not keep:
         return {}
-    for name, m in qlora_modules(model).items():
-        if not isinstance(m, ShardedQLoRALinear):
-            continue
+    for name, m in nf4_modules(model).items():
         p = name + "." if name else ""
+        if p + "weight_packed" not in out:  # not sharded: its state dict has the bitsandbytes keys already
+            continue
         packed, absmax = out[p + "weight_packed"], out[p + "weight_absmax"]
         nested, offset = out.get(p + "weight_nested_absmax"), out.get(p + "weight_offset")
         if nested is None:
@@ -309,17 +225,16 @@ def full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict:
 
 
 def _checkpoint_state(model: nn.Module) -> dict:
-    """model.state_dict() with every QLoRALinear's NF4 tensors under their attribute names (the replicated
-    layers' flat buffers included: their bitsandbytes quant-state bytes vary in length, which DCP cannot
-    reload in place). Every tensor aliases the module's storage, so DCP loads in place."""
+    """model.state_dict() with every NF4 layer's tensors under their attribute names (the replicated layers'
+    flat buffers included: their bitsandbytes quant-state bytes vary in length, which DCP cannot reload in
+    place; an unsharded model's row-layout tensors too). Every tensor aliases the module's storage, so DCP
+    loads in place."""
     state = model.state_dict()
-    for path, m in qlora_modules(model).items():
-        if isinstance(m, ShardedQLoRALinear):
-            continue
+    for path, m in nf4_modules(model).items():
         p = path + "." if path else ""
         for key in [k for k in state if k == p + "weight" or k.startswith(p + "weight.")]:
             del state[key]
-        for name in ("weight_packed", "weight_absmax", "weight_nested_absmax", "weight_offset"):
+        for name in _NF4_BUFFERS:
             t = getattr(m, name)
             if t is not None:
                 state[p + name] = t.detach()
@@ -330,26 +245,19 @@ def save_sharded(model: nn.Module, path) -> None:
     """Save a (sharded) model with torch.distributed.checkpoint: each rank writes its own shards. Collective."""
     import torch.distributed.checkpoint as dcp
 
-    to_row_layout(model)
     dcp.save(_checkpoint_state(model), checkpoint_id=os.fspath(path))
 
 
 def load_sharded(model: nn.Module, path) -> nn.Module:
     """Load a `save_sharded` checkpoint into `model`, sharded on any world size or in a single process
-    (the model must be prepared like the saved one; a single-process model is given back with its flat
-    NF4 buffers). Collective when distributed."""
+    (the model must be prepared like the saved one). Collective when distributed."""
     import torch.distributed.checkpoint as dcp
 
-    was_flat = not any(isinstance(m, ShardedQLoRALinear) for m in qlora_modules(model).values())
-    to_row_layout(model)
     with warnings.catch_warnings():  # one process without a process group is a use this function supports
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(_checkpoint_state(model), checkpoint_id=os.fspath(path))  # in place, into the model's tensors
-    for m in qlora_modules(model).values():
+    for m in nf4_modules(model).values():
         m._weight_cache = None
-    sharded = any(_is_dtensor(p) for p in model.parameters())
-    if was_flat and not sharded:
-        to_flat_layout(model)
     return model
 
 
@@ -371,7 +279,7 @@ def load_from_rank0(model: nn.Module, tensors: Optional[Iterable] = None, init_a
     from .functional import quantize_nf4
 
     rank = _rank()
-    layers = qlora_modules(model)
+    layers = nf4_modules(model)  # NF4Linear and QLoRALinear: the base weights
     own = model.state_dict(keep_vars=True)
     device = next((t.device for t in own.values() if t.device.type != "meta"), torch.device("cpu"))
     comm_device = device if dist.get_backend() != "gloo" else torch.device("cpu")
@@ -438,7 +346,7 @@ def load_from_rank0(model: nn.Module, tensors: Optional[Iterable] = None, init_a
         raise KeyError(f"load_from_rank0: the stream left out {len(missing)} tensor(s) of the model: "
                        f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     if init_adapters:
-        for m in layers.values():
+        for m in qlora_modules(model).values():
             for lin, init in ((m.lora_A, "kaiming"), (m.lora_B, "zeros")):
                 w = lin.weight
                 full = torch.zeros(w.shape, dtype=w.dtype, device=comm_device)
@@ -461,11 +369,11 @@ def _copy_rows_into(target: Tensor, full: Tensor) -> None:
             target.copy_(full)
 
 
-def _copy_nf4_into(m: QLoRALinear, parts: list) -> None:
+def _copy_nf4_into(m: NF4Linear, parts: list) -> None:
     n, k = m.out_features, m.in_features
     packed, absmax_bytes = parts[0], parts[1]
     with torch.no_grad():
-        if isinstance(m, ShardedQLoRALinear):
+        if m.row_layout:
             _copy_rows_into(m.weight_packed, packed.view(n, k // 2))
             _copy_rows_into(m.weight_absmax, absmax_bytes.view(n, -1))
         else:

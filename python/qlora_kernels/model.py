@@ -237,7 +237,10 @@ def _quant_state_tensors(model: nn.Module) -> list:
 def count_parameters(model: nn.Module) -> int:
     """Parameter count; a bitsandbytes 4-bit weight counts its logical elements, not its packed bytes."""
     total = 0
+    codes = {id(t) for m in nf4_modules(model).values() for t in (m.weight_packed, m.weight_absmax)}
     for p in model.parameters():
+        if id(p) in codes:  # an NF4Linear's uint8 codes / scales (parameters by rows): counted as W below
+            continue
         qs = getattr(p, "quant_state", None)
         total += math.prod(qs.shape) if qs is not None else p.numel()
     return total + sum(m.in_features * m.out_features for m in nf4_modules(model).values()) + sum(

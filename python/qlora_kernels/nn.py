@@ -6,8 +6,20 @@ State dict (what `state_dict()` writes and `load_state_dict()` reads):
     weight.quant_state.bitsandbytes__nf4        the base weight under bitsandbytes' Linear4bit keys
     bias                                        when the layer has one
     lora_A.weight [r, K], lora_B.weight [N, r]  the adapters, under PEFT's names
-The NF4 tensors are non-persistent buffers (so .to() / .cuda() move them) written and read by
-`_save_to_state_dict` / `_load_from_state_dict`, as bitsandbytes' Linear4bit does.
+The NF4 tensors are written and read by `_save_to_state_dict` / `_load_from_state_dict`, as bitsandbytes'
+Linear4bit does.
+
+Storage (one layout, so that FSDP2's plain `fully_shard`, as accelerate / torchtitan call it, shards the
+weights with no call of ours): FSDP2 shards parameters on dim 0, never casts integer ones under a
+MixedPrecisionPolicy, and leaves buffers replicated. So when in_features % blocksize == 0 (blocks never
+straddle rows: every real model) the codes and scales are frozen uint8 parameters by rows:
+    weight_packed   uint8 [N, K / 2]             the packed codes of row i are bytes [i K/2, (i+1) K/2)
+    weight_absmax   uint8 [N, K / blocksize]     double-quantized scale codes (row i owns its K / blocksize blocks)
+                    uint8 [N, 4 K / blocksize]   without double quantization: the float32 scales' bytes
+    weight_nested_absmax, weight_offset          float32 non-persistent buffers (one per 256 blocks: replicated)
+Other layers keep flat non-persistent buffers (packed [ceil(N K / 2), 1], absmax [blocks]), replicated.
+Under FSDP2 (weight_packed a DTensor) the state dict holds these attribute names instead (what
+torch.distributed.checkpoint saves and reshards); `load_state_dict` reads either form.
 """
 
 from __future__ import annotations
@@ -25,8 +37,19 @@ from .weight import QUANT_STATE_KEY, NF4Weight, packed_bytes
 
 __all__ = ["NF4Linear", "QLoRALinear"]
 
-# Buffers holding the NF4 weight; their dtypes are part of the format, so module.to(dtype) must not cast them.
+# The NF4 weight's tensors (parameters or buffers, see the module docstring); their dtypes are part of the
+# format, so module.to(dtype) must not cast them.
 _NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_nested_absmax", "weight_offset")
+_ROW_PARAMS = ("weight_packed", "weight_absmax")  # uint8 parameters in row layout (FSDP2 shards them)
+
+
+def _is_dtensor(t) -> bool:
+    """True for a DTensor (an FSDP2-sharded parameter outside forward)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -52,13 +75,16 @@ class NF4Linear(nn.Module):
     quantized linear that LoRA does not target (the base of QLoRALinear, which adds the adapters).
 
     Build one with `from_linear` (quantizes an nn.Linear), `from_bnb` (takes over a bitsandbytes Linear4bit's
-    NF4 weight as is) or the constructor (an NF4Weight). The only parameter is `bias` (frozen by default);
-    the NF4 tensors are non-persistent buffers saved under bitsandbytes' Linear4bit keys.
+    NF4 weight as is) or the constructor (an NF4Weight). The codes and scales are frozen uint8 parameters in
+    row layout when in_features % blocksize == 0 (so FSDP2's fully_shard shards them), flat non-persistent
+    buffers otherwise (see the module docstring); either way they are saved under bitsandbytes' Linear4bit
+    keys, and `bias` is frozen by default. Optimizers skip them (no grad ever).
     forward never keeps deq(W): the backward recomputes x's gradient through the `qlora::nf4_linear_dx` op.
 
     Attributes:
         in_features, out_features, blocksize, weight_dtype (the dtype W was quantized from),
-        weight: the NF4Weight (a view of the buffers; rebuilt after .to()).
+        weight: the NF4Weight (a view of the stored tensors; rebuilt after .to()). Under FSDP2, outside
+            forward, the tensors are sharded and `weight` raises (gather with distributed.full_state_dict).
     """
 
     def __init__(self, weight: NF4Weight, bias: Optional[Tensor] = None):
@@ -119,15 +145,42 @@ class NF4Linear(nn.Module):
         return cls(weight, b)
 
     # ------------------------------------------------------------------------------------------ the weight
+    @property
+    def row_layout(self) -> bool:
+        """True when the codes and scales are uint8 parameters by rows (FSDP2 shards them on dim 0)."""
+        return "weight_packed" in self._parameters
+
     def _set_weight(self, weight: NF4Weight) -> None:
         packed, absmax, nested, offset = weight.tensors()
-        for name, t in zip(_NF4_BUFFERS, (packed, absmax, nested, offset)):
-            self.register_buffer(name, t, persistent=False)
+        for name in _NF4_BUFFERS:  # a parameter cannot be re-registered as a buffer (nor the reverse)
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+        n, k = self.out_features, self.in_features
+        if k % self.blocksize == 0:  # blocks never straddle rows: row i owns bytes [i K/2, (i+1) K/2)
+            if nested is None:  # float32 scales as their bytes: an integer parameter is never cast
+                absmax = absmax.contiguous().view(torch.uint8)
+            self.weight_packed = nn.Parameter(packed.reshape(n, k // 2), requires_grad=False)
+            self.weight_absmax = nn.Parameter(absmax.reshape(n, -1), requires_grad=False)
+        else:
+            self.register_buffer("weight_packed", packed, persistent=False)
+            self.register_buffer("weight_absmax", absmax, persistent=False)
+        self.register_buffer("weight_nested_absmax", nested, persistent=False)
+        self.register_buffer("weight_offset", offset, persistent=False)
         self._weight_cache = None
 
     def _nf4_tensors(self) -> tuple:
-        """(packed, absmax, nested_absmax, offset) as the ops take them (distributed.py stores them by rows)."""
-        return self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset
+        """(packed, absmax, nested_absmax, offset) as the ops take them (flat; absmax float32 without double
+        quantization)."""
+        packed, absmax, nested = self.weight_packed, self.weight_absmax, self.weight_nested_absmax
+        if not self.row_layout:
+            return packed, absmax, nested, self.weight_offset
+        if _is_dtensor(packed) or _is_dtensor(absmax):
+            raise RuntimeError(
+                f"this {type(self).__name__}'s NF4 weight is sharded by FSDP2 (weight_packed is a DTensor): use it "
+                "inside forward, or gather it with qlora_kernels.distributed.full_state_dict(model) on every rank")
+        if nested is None:  # float32 scales stored as their bytes: view them back
+            absmax = absmax.view(torch.float32)
+        return packed.reshape(-1), absmax.reshape(-1), nested, self.weight_offset
 
     @property
     def weight(self) -> NF4Weight:
@@ -149,25 +202,29 @@ class NF4Linear(nn.Module):
             raise ValueError(
                 f"weight has shape {tuple(weight.shape)}, this layer is [{self.out_features}, {self.in_features}]"
             )
+        if _is_dtensor(self.weight_packed):
+            raise RuntimeError(f"{type(self).__name__}.set_weight: the NF4 weight is sharded by FSDP2; set it "
+                               "before fully_shard (or fill a sharded model with distributed.load_from_rank0)")
         if self.weight_packed.device.type != "meta":
             weight = weight.to(self.weight_packed.device)
         self.blocksize, self.weight_dtype = weight.blocksize, weight.dtype
         self._set_weight(weight)
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() would cast the float32 scales: apply only the device part of fn to them.
-        # (distributed.py makes packed / absmax uint8 parameters: .to(dtype) never casts integer parameters)
-        saved = {n: self._buffers.pop(n) for n in _NF4_BUFFERS if n in self._buffers}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for n, t in saved.items():
-                if t is not None:
-                    moved = fn(t)
-                    t = moved if moved.dtype == t.dtype else t.to(moved.device)
-                self._buffers[n] = t
+        # .to(dtype) / .half() would cast the float32 nested scales (and .type(dtype) even the uint8 codes):
+        # the NF4 tensors take only the device part of fn. Parameters stay the same objects (Module._apply).
+        own = {id(t) for t in (self._parameters.get(n, self._buffers.get(n)) for n in _NF4_BUFFERS)
+               if t is not None}
+
+        def keep_dtype(t):
+            moved = fn(t)
+            if id(t) in own and moved.dtype != t.dtype:
+                return t.to(moved.device)
+            return moved
+
+        super()._apply(keep_dtype, recurse)
         self._weight_cache = None
-        packed = getattr(self, "weight_packed", None)  # a buffer, or a parameter under distributed.py
+        packed = getattr(self, "weight_packed", None)
         if isinstance(packed, Tensor):  # the kernels' tables on the new device now, not in the first forward
             prepare_device(packed.device)
         return self
@@ -185,38 +242,109 @@ class NF4Linear(nn.Module):
 
     def _nf4_repr(self) -> str:
         dq = "double_quant" if self.weight_nested_absmax is not None else "single_quant"
+        # from the stored tensors (a DTensor's numel is the whole tensor's), so a sharded layer prints too
+        nbytes = sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in _NF4_BUFFERS)
+                     if t is not None)
+        bits = 8.0 * nbytes / max(1, self.in_features * self.out_features)
+        layout = ", row layout" if self.row_layout else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"nf4(blocksize={self.blocksize}, {dq}, {self.weight.bits_per_param:.3f} bits/param)")
+                f"nf4(blocksize={self.blocksize}, {dq}, {bits:.3f} bits/param{layout})")
 
     def extra_repr(self) -> str:
         return self._nf4_repr()
 
     # ----------------------------------------------------------------------------------------- state dicts
+    def _sharded(self) -> bool:
+        return _is_dtensor(self.weight_packed) or _is_dtensor(self.weight_absmax)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self.weight_packed.device.type == "meta":
+        if self._sharded():
+            # FSDP2's sharded state: the tensors under their attribute names (DTensors), which
+            # torch.distributed.checkpoint saves and reshards; distributed.full_state_dict writes bnb keys
+            for name in _NF4_BUFFERS:
+                t = getattr(self, name)
+                if t is not None:
+                    destination[prefix + name] = t if keep_vars else t.detach()
+        elif self.weight_packed.device.type == "meta":
             # a skeleton has no quant state to write (its offset has no value): the key alone says "a weight
             # goes here", which is what loaders (transformers' from_pretrained) read a meta model's keys for
             destination[prefix + "weight"] = self.weight_packed
+        else:
+            for key, t in self.weight.state_dict(prefix + "weight").items():
+                destination[key] = t if keep_vars else t.detach()
+        with self._nf4_params_hidden():  # bias (and what a subclass adds); the NF4 tensors are written above
             super()._save_to_state_dict(destination, prefix, keep_vars)
-            return
-        for key, t in self.weight.state_dict(prefix + "weight").items():
-            destination[key] = t if keep_vars else t.detach()
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias (the buffers are non-persistent)
+
+    def _nf4_params_hidden(self):
+        """A context in which the row-layout parameters are out of `_parameters` (nn.Module's own state-dict
+        code must neither write nor expect them); their order is restored after."""
+        module = self
+
+        class _Hidden:
+            def __enter__(self):
+                self.order = list(module._parameters)
+                self.hidden = {n: module._parameters.pop(n) for n in _ROW_PARAMS if n in module._parameters}
+
+            def __exit__(self, *exc):
+                merged = {**module._parameters, **self.hidden}
+                module._parameters.clear()
+                module._parameters.update((k, merged[k]) for k in self.order + [k for k in merged
+                                                                              if k not in self.order])
+                return False
+
+        return _Hidden()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         wkey = prefix + "weight"
+        attr = {prefix + n: n for n in _NF4_BUFFERS}
         own = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
-        rest = {k: v for k, v in state_dict.items() if k not in own}
-        if wkey not in own:
-            missing_keys.append(wkey)
+        named = {k: v for k, v in state_dict.items() if k in attr}
+        rest = {k: v for k, v in state_dict.items() if k not in own and k not in named}
+        if named:  # the attribute-name form (an FSDP2 sharded state dict, a DCP checkpoint)
+            self._load_named(named, attr, prefix, local_metadata, missing_keys, error_msgs)
+        elif wkey not in own:
+            missing_keys.append(prefix + "weight_packed" if self._sharded() else wkey)
+        elif self._sharded():
+            error_msgs.append(f"{wkey}: this layer's NF4 weight is sharded by FSDP2: load a bitsandbytes-keyed state "
+                              "dict before fully_shard, or fill the sharded model with "
+                              "qlora_kernels.distributed.load_from_rank0")
         else:
             try:
                 self._load_weight(own, wkey)
             except (KeyError, ValueError, TypeError) as exc:
                 error_msgs.append(f"{wkey}: {exc}")
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        with self._nf4_params_hidden():
+            super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+
+    def _load_named(self, named: dict, attr: dict, prefix: str, local_metadata, missing_keys, error_msgs) -> None:
+        """Copy (or with load_state_dict(assign=True) put) tensors stored under the attribute names into this
+        layer's, checking dtype and shape first."""
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        for name in _NF4_BUFFERS:
+            t, key = getattr(self, name), prefix + name
+            if t is None:
+                continue
+            if key not in named:
+                missing_keys.append(key)
+                continue
+            v = named[key]
+            if tuple(v.shape) != tuple(t.shape) or v.dtype != t.dtype:
+                error_msgs.append(f"{key}: expected {t.dtype} {tuple(t.shape)}, got {v.dtype} {tuple(v.shape)}")
+                continue
+            if assign:
+                if name in self._parameters:
+                    self._parameters[name] = nn.Parameter(v, requires_grad=False)
+                else:
+                    self._buffers[name] = v
+            else:
+                with torch.no_grad():
+                    t.copy_(v)
+        for key in named:
+            if getattr(self, attr[key]) is None:
+                error_msgs.append(f"{key}: this layer has no {attr[key]} (double quantization differs)")
+        self._weight_cache = None
 
     def _load_weight(self, sd: dict, wkey: str) -> None:
         t = sd[wkey]
