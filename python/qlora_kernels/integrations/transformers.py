@@ -191,6 +191,16 @@ def _module_of(model, tensor_name: str):
     return (model.get_submodule(module_name) if module_name else model), attr
 
 
+def _loaded(missing_keys, weight_key: str) -> None:
+    """Tell transformers' loader that the NF4 layer owning `weight_key` ("<module>.weight") has its weight: every
+    key of the module but its bias leaves the missing set (else the loader re-creates them empty afterwards)."""
+    if missing_keys is None:
+        return
+    prefix = weight_key[: -len("weight")]
+    for key in [k for k in missing_keys if k.startswith(prefix) and k != prefix + "bias"]:
+        missing_keys.discard(key)
+
+
 def _build_classes():
     """The HfQuantizer and its two conversion ops (transformers.quantizers imports every quantizer: ~8 s, so
     these classes are made on registration, not on `import qlora_kernels`)."""
@@ -211,8 +221,7 @@ def _build_classes():
                 module, _ = _module_of(model, name)
                 module.set_weight(quantize_nf4(value, blocksize=cfg.blocksize, double_quant=cfg.double_quant))
                 module._is_hf_initialized = True
-                if missing_keys is not None:
-                    missing_keys.discard(name)
+                _loaded(missing_keys, name)
             return {}  # set above: the NF4 layer has no `weight` parameter to assign
 
     class NF4Deserialize(ConversionOps):
@@ -229,8 +238,7 @@ def _build_classes():
             # a float weight alone is quantized like the layer; NF4 keys are taken as stored (checked)
             module._load_weight(sd, "weight")
             module._is_hf_initialized = True
-            if missing_keys is not None:
-                missing_keys.discard(full_layer_name)
+            _loaded(missing_keys, full_layer_name)
             return {}
 
     class NF4HfQuantizer(HfQuantizer):
