@@ -122,6 +122,7 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     pytest.importorskip("tokenizers")
+    pytest.importorskip("trl")  # and datasets, which trl brings
     import torch.distributed as dist
 
     blocks = readme_python_blocks((ROOT / "README.md").read_text())
