@@ -160,10 +160,11 @@ def test_logits_and_gradients_vs_float64(kind):
     assert_close_derived(emb(model), emb(res[torch.float64][1]), emb(res[torch.float32][1]), f"{kind} dx")
     for name, module in experts_modules(model).items():
         for p, w in module.projections.items():
+            key = f"{name.replace('.experts', '.experts.parametrizations')}.{p}.0."
             for attr in ("A", "B"):
                 got = getattr(w, f"lora_{attr}").grad
-                ex, pl = (dict(r.named_parameters())[f"{name.replace('.experts', '.experts.parametrizations')}.{p}"
-                                                     f".0.{attr}"].grad for _, r in (res[torch.float64], res[torch.float32]))
+                ex, pl = (dict(r.named_parameters())[key + attr].grad for _, r in (res[torch.float64],
+                                                                                    res[torch.float32]))
                 assert got.abs().sum() > 0
                 assert_close_derived(got, ex, pl, f"{kind} {name}.{p} d{attr}")
     for n, p in model.named_parameters():  # nothing else gets a gradient
@@ -477,3 +478,24 @@ def test_untargeted_projection_is_quantized_without_adapter():
     assert isinstance(e, NF4Experts) and e.gate_up_proj.lora_A is None and e.down_proj.lora_A is not None
     model(torch.randint(0, 96, (1, 5))).logits.sum().backward()
     assert e.down_proj.lora_A.grad is not None
+
+
+# ------------------------------------------------------------------------------------------- planner
+def test_planner_counts_nf4_experts_and_their_lora():
+    """plan_memory on a MoE config: its NF4 term and LoRA count equal those of the same model prepared for
+    real (experts in NF4 per expert, per-expert LoRA), and the simulated step runs through NF4Experts."""
+    from qlora_kernels.planner import plan_memory
+
+    cfg = dict(model_type="qwen3_moe", vocab_size=96, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=5,
+               num_experts_per_tok=2, max_position_embeddings=256)
+    plan = plan_memory(cfg, r=R, seq_len=32, batch_size=2, device="cpu", optimizer="adamw_torch")
+    real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
+    qk.prepare_model(real, r=R, verbose=False)
+    experts = [w for e in experts_modules(real).values() for w in e.projections.values()]
+    linears = [m for m in real.modules() if isinstance(m, qk.QLoRALinear)]
+    assert plan.terms["NF4 weights + scales"] == sum(m.weight.nbytes for m in linears) + sum(w.nbytes for w in experts)
+    assert plan.counts["nf4_params"] == sum(m.in_features * m.out_features for m in linears) + sum(
+        w.numel for w in experts)
+    assert plan.counts["lora_params"] == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert plan.terms["saved activations (checkpointed)"] > 0

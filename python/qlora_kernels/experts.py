@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops
-from ._format import DTYPE_FROM_NAME, DTYPE_NAMES, FLOAT_DTYPES, NESTED_BLOCKSIZE, all_finite, num_blocks, prepare_device
+from ._format import (DTYPE_FROM_NAME, DTYPE_NAMES, FLOAT_DTYPES, NESTED_BLOCKSIZE, all_finite, num_blocks,
+                      prepare_device)
 from .functional import quantize_nf4
 from .nn import _scaling, check_lora_args
 
@@ -229,19 +230,21 @@ def check_experts_layout(name: str, module: nn.Module) -> dict:
     d_out = down.shape[2] if transposed else down.shape[1]
     expect_u = 2 * inter if has_gate else inter
     orient = "[E, in, out]" if transposed else "[E, out, in]"
+    want_up = [num_experts, hidden, expect_u] if transposed else [num_experts, expect_u, hidden]
+    want_down = [num_experts, inter, hidden] if transposed else [num_experts, hidden, inter]
     if d_out != hidden or u_out != expect_u:
         raise ValueError(
             f"{name} ({cls}): unsupported experts layout: in {orient} orientation {first} {list(up.shape)} and "
             f"down_proj {list(down.shape)} do not chain hidden {hidden} -> {expect_u} -> intermediate {inter} -> "
-            f"hidden (expected {first} {[num_experts, expect_u, hidden] if not transposed else [num_experts, hidden, expect_u]}"
-            f", down_proj {[num_experts, hidden, inter] if not transposed else [num_experts, inter, hidden]})")
+            f"hidden (expected {first} {want_up}, down_proj {want_down})")
     has_bias = bool(_experts_attr(module, "has_bias", False))
     if has_bias:
         for p, n_out in ((first, u_out), ("down_proj", hidden)):
             bias = module._parameters.get(p + "_bias")
             if bias is None or tuple(bias.shape) != (num_experts, n_out):
-                raise ValueError(f"{name} ({cls}): has_bias is set but {p}_bias is "
-                                 f"{'missing' if bias is None else list(bias.shape)}, expected [{num_experts}, {n_out}]")
+                got = "missing" if bias is None else list(bias.shape)
+                raise ValueError(f"{name} ({cls}): has_bias is set but {p}_bias is {got}, expected "
+                                 f"[{num_experts}, {n_out}]")
     if has_gate and not callable(getattr(module, "_apply_gate", None)) and getattr(module, "act_fn", None) is None:
         raise ValueError(f"{name} ({cls}): gated experts need the module's _apply_gate or act_fn")
     if not has_gate and getattr(module, "act_fn", None) is None:

@@ -54,6 +54,29 @@ PRESETS = {
                         num_attention_heads=64),
 }
 
+# Mixture-of-experts models: their published config.json values (Hugging Face hub: Qwen/Qwen3-30B-A3B,
+# Qwen/Qwen3-235B-A22B, mistralai/Mixtral-8x7B-v0.1, openai/gpt-oss-20b); transformers' defaults for the rest.
+# Their experts become NF4Experts (experts.py): NF4 per expert and, under "all-linear", per-expert LoRA.
+_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                  hidden_act="silu", tie_word_embeddings=False, rope_theta=1000000.0, head_dim=128,
+                  num_key_value_heads=4, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                  decoder_sparse_step=1, mlp_only_layers=[])
+PRESETS.update({
+    "qwen3-30b-a3b": dict(_QWEN3_MOE, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32),
+    "qwen3-235b-a22b": dict(_QWEN3_MOE, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+                            num_hidden_layers=94, num_attention_heads=64),
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                         hidden_act="silu", tie_word_embeddings=False, rope_theta=1000000.0, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2),
+    "gpt-oss-20b": dict(model_type="gpt_oss", vocab_size=201088, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                        tie_word_embeddings=False, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+                        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                        num_experts_per_tok=4, sliding_window=128, swiglu_limit=7.0, rope_theta=150000.0,
+                        layer_types=["sliding_attention", "full_attention"] * 12),
+})
+
 # Optimizer states per trainable parameter (the layout `_optimizer_state_bytes` writes down; the plan itself
 # simulates the step, see _simulate_optimizer). "8bit": bitsandbytes' blockwise states (blocks of 256, one float32
 # absmax per block per state; tensors under 4096 elements keep float32 states). "paged": the states live in
@@ -222,6 +245,11 @@ def _meta_model(config, opts, num_layers: Optional[int] = None) -> nn.Module:
 
 
 def _swap_targets(model, opts) -> list:
+    from .experts import replace_experts, select_experts
+
+    experts = select_experts(model, opts["target_modules"], None)  # MoE: NF4Experts (NF4 buffers on meta)
+    replace_experts(model, experts, experts, r=opts["r"], alpha=16, use_rslora=False, blocksize=opts["blocksize"],
+                    double_quant=opts["double_quant"], adapter_dtype=opts["adapter_dtype"])
     names = find_target_modules(model, opts["target_modules"])
     for name in names:
         lin = model.get_submodule(name)
@@ -234,7 +262,7 @@ def _swap_targets(model, opts) -> list:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     for pname, p in model.named_parameters():
-        p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
+        p.requires_grad_(".lora_A." in pname or ".lora_B." in pname or pname.endswith((".lora_A", ".lora_B")))
     return names
 
 
@@ -408,7 +436,9 @@ def plan_memory(
 
     Args:
         config_or_model: a preset ("llama-7b", "llama-13b", "llama-33b", "llama-65b", "llama-3-8b",
-            "llama-3-70b"), a config.json path or model directory, a dict or transformers config, or a model.
+            "llama-3-70b"; MoE: "qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x7b", "gpt-oss-20b", their
+            experts in NF4 with per-expert LoRA), a config.json path or model directory, a dict or transformers
+            config, or a model.
         r, target_modules, blocksize, double_quant: as load_pretrained / prepare_model.
         seq_len, batch_size: tokens per sequence and sequences per step (per micro-batch). A seq_len beyond the
             model's max_position_embeddings is planned, with a warning (and a note in the table).
@@ -579,7 +609,11 @@ def _model_name(arg, config) -> str:
 def _static_terms(config, opts) -> dict:
     model = _meta_model(config, opts)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
-    nf4 = sum(m.weight.nbytes for m in layers.values())
+    from .experts import experts_modules
+
+    expert_weights = [w for e in experts_modules(model).values() for w in e.projections.values()]
+    expert_nf4 = [t for w in expert_weights for t in w.nf4_tensors() if t is not None]
+    nf4 = sum(m.weight.nbytes for m in layers.values()) + sum(w.nbytes for w in expert_weights)
     lora = [p for n, p in model.named_parameters() if p.requires_grad]
     seen, dense, dense_params = set(), 0, 0
     lora_ids = {id(p) for p in lora}
@@ -590,13 +624,16 @@ def _static_terms(config, opts) -> dict:
         if any(t is b for m in layers.values() for b in (m.weight_packed, m.weight_absmax,
                                                           m.weight_nested_absmax, m.weight_offset)):
             continue
+        if any(t is b for b in expert_nf4):
+            continue
         dense += _nbytes(t)
         dense_params += t.numel() if t.is_floating_point() else 0
     lora_bytes = sum(_nbytes(p) for p in lora)
     return dict(nf4=nf4, dense=dense, lora=lora_bytes, grads=lora_bytes,
                 states=_optimizer_state_bytes(lora, opts["optimizer"]),
                 largest_lora=max((_nbytes(p) for p in lora), default=0),
-                counts=dict(nf4_params=sum(m.in_features * m.out_features for m in layers.values()),
+                counts=dict(nf4_params=sum(m.in_features * m.out_features for m in layers.values())
+                            + sum(w.numel for w in expert_weights),
                             # nested scales and offsets: what FSDP2 leaves replicated (distributed.py)
                             nf4_replicated_bytes=sum(_nbytes(t) for m in layers.values()
                                                      for t in (m.weight_nested_absmax, m.weight_offset)
