@@ -139,6 +139,9 @@ def _run_plain(rank, world, out_dir):
         for n, m in layers.items():  # PEFT's LoRA layer calls the fused op itself: hook it, not its base_layer
             model.get_submodule(n.removesuffix(".base_layer")).register_forward_pre_hook(grab(n))
         loss, grads = step(model)
+        full = qd.full_state_dict(model)  # a collective: bitsandbytes keys gathered to rank 0
+        if rank == 0:
+            torch.save(full, os.path.join(out_dir, f"full-{len(res)}.pt"))
         res[(how, sharding, str(param_dtype))] = dict(
             nf4=qd.nf4_shard_bytes(model), exact=seen, n_layers=len(layers), loss=loss, grads=grads,
             sharded_params=sorted(n for n, p in model.named_parameters() if hasattr(p, "to_local")
@@ -192,6 +195,12 @@ def test_plain_fully_shard_shards_nf4_bytes_and_trains_exactly(run_plain, case):
     # the kernels saw the original bytes, under the bf16 policy too
     for r in (r0, r1):
         assert len(r["exact"]) == n and all(r["exact"].values()), r["exact"]
+    # the full state dict gathered from the shards: the single-process model's, keys and bytes
+    full = torch.load(out / f"full-{CASES.index(case)}.pt")
+    want = build(how, str(out / "ckpt")).state_dict()
+    assert list(full) == list(want) and any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in full)
+    for k, v in want.items():
+        assert full[k].dtype == v.dtype and torch.equal(full[k], v), k
     # forward / backward equal to the single-process model, bit for bit (see the module docstring)
     want_loss, want_grads = reference(how, param_dtype, out / "ckpt")
     for r in (r0, r1):
@@ -200,3 +209,48 @@ def test_plain_fully_shard_shards_nf4_bytes_and_trains_exactly(run_plain, case):
         for name, g in want_grads.items():
             assert g.abs().max() > 0, name
             assert torch.equal(r["grads"][name], g), name
+
+
+# ------------------------------------------------------------------------------------- single process
+def test_frozen_uint8_parameters_are_left_alone_and_counted_as_weights(tmp_path):
+    """What generic code does with the uint8 parameters: PEFT's prepare_model_for_kbit_training (freezes every
+    parameter, upcasts fp16/bf16 ones) and `.to(dtype)` leave the NF4 bytes and scales as they are; optimizers
+    given model.parameters() wholesale keep no state for them (no grad ever) and never write them; PEFT's and
+    this package's parameter counts give W its N x K elements (not its packed bytes)."""
+    import qlora_kernels as qk
+    from qlora_kernels.optim import AdamW8bit, PagedAdamW
+
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(tiny_config())
+    dense.save_pretrained(tmp_path)
+    n_dense = sum(p.numel() for p in dense.parameters())
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qk.NF4Config(),
+                                                              dtype=torch.bfloat16)
+    layers = nf4_layers(model)
+    assert all(m.row_layout for m in layers.values())
+    nf4 = {n: [t.clone() for t in (m.weight_packed, m.weight_absmax, m.weight_nested_absmax, m.weight_offset)]
+           for n, m in layers.items()}
+
+    def unchanged():
+        return all(all(t.dtype == w.dtype and torch.equal(t, w) for t, w in zip(
+            (m.weight_packed, m.weight_absmax, m.weight_nested_absmax, m.weight_offset), nf4[n]))
+            for n, m in layers.items())
+
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert unchanged()
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+    lora = [p for n, p in pm.named_parameters() if p.requires_grad]
+    assert len(lora) == 2 * len(layers) and all("lora_" in n for n, p in pm.named_parameters() if p.requires_grad)
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert trainable == sum(p.numel() for p in lora) and total == n_dense + trainable
+    assert qk.model.count_parameters(pm) == n_dense + trainable
+    optimizers = [torch.optim.AdamW(pm.parameters(), lr=1e-2), AdamW8bit(pm.parameters(), lr=1e-2),
+                  PagedAdamW(pm.parameters(), lr=1e-2)]
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    pm(input_ids=ids, labels=ids).loss.backward()
+    for opt in optimizers:
+        opt.step()
+        assert {id(p) for p in opt.state} == {id(p) for p in lora}
+    assert unchanged()
+    pm.to(torch.float16)
+    assert unchanged() and lora[0].dtype == torch.float16
