@@ -127,6 +127,29 @@ def test_static_counts_from_the_module_tree():
     assert static["nf4"] == pytest.approx(static["counts"]["nf4_params"] * 4.127 / 8, rel=1e-3)
 
 
+def test_quantize_apart_from_lora_targets():
+    """Narrow LoRA targets: every other Linear but lm_head is still NF4 (quantize='all-linear', as prepare_model
+    and NF4Config do); quantize='targets' keeps them dense. The plan follows a real prepare_model step."""
+    config = tiny(2, 128, 256)
+    h, i, kv = 128, 256, 64  # kv: 2 of 4 heads of 32
+    per_layer_all = 2 * h * h + 2 * h * kv + 3 * h * i
+    narrow = dict(r=8, target_modules=["q_proj", "v_proj"], compute_dtype=torch.float32, device="cpu",
+                  optimizer="adamw_torch", gradient_checkpointing=False, seq_len=32, batch_size=2)
+    plan_all = plan_memory(config, **narrow)
+    plan_targets = plan_memory(config, quantize="targets", **narrow)
+    assert plan_all.counts["nf4_params"] == 2 * per_layer_all
+    assert plan_targets.counts["nf4_params"] == 2 * (h * h + h * kv)
+    assert plan_all.counts["lora_params"] == plan_targets.counts["lora_params"]
+    assert plan_all.total_bytes < plan_targets.total_bytes
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    qk.prepare_model(model, ["q_proj", "v_proj"], r=8, verbose=False)  # quantize="all-linear" by default
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    measured = measure_step(model, torch.randint(0, config.vocab_size, (2, 32)), opt)
+    assert abs(plan_all.total_bytes / measured - 1) <= 0.05, (plan_all.total_bytes, measured, plan_all.terms)
+
+
 def test_device_memory_search():
     from qlora_kernels.planner import _largest
 

@@ -148,6 +148,9 @@ def _plan(rest) -> int:
                         help="LoRA weights' dtype (default %(default)s)")
     parser.add_argument("--target-modules", default=D["target_modules"],
                         help="all-linear, or comma-separated names (default %(default)s)")
+    parser.add_argument("--quantize", default=D["quantize"],
+                        help="the Linears stored in NF4 apart from the LoRA targets: all-linear (default: every "
+                             "Linear but lm_head, whatever the adapters target), targets, or comma-separated names")
     parser.add_argument("--blocksize", type=_positive(int, "--blocksize"), default=D["blocksize"],
                         help="NF4 block size (default %(default)s)")
     parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=D["double_quant"],
@@ -163,7 +166,8 @@ def _plan(rest) -> int:
 
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     try:
-        plan = planner.plan_memory(args.config, r=args.r, target_modules=targets, seq_len=args.seq,
+        quantize = args.quantize if args.quantize in ("all-linear", "targets") else args.quantize.split(",")
+        plan = planner.plan_memory(args.config, r=args.r, target_modules=targets, quantize=quantize, seq_len=args.seq,
                                    batch_size=args.batch, optimizer=args.optimizer,
                                    gradient_checkpointing=args.gradient_checkpointing,
                                    compute_dtype=getattr(torch, args.dtype),

@@ -30,8 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .checkpoint import enable_activation_checkpointing
-from .model import find_target_modules
-from .nn import QLoRALinear
+from .model import find_quantize_modules, find_target_modules
+from .nn import NF4Linear, QLoRALinear
 from .weight import NF4Weight
 
 __all__ = ["plan_memory", "MemoryPlan", "LiveTensorTracker", "PRESETS", "OPTIMIZERS", "PLAN_DEFAULTS",
@@ -100,7 +100,7 @@ FRAGMENTATION = 0.05
 # them; the plan's first lines print every setting): the QLoRA paper's recipe (r = 64 on every Linear but
 # lm_head, seq 512 x batch 1, gradient checkpointing, paged 32-bit AdamW), bf16 compute and this package's
 # float32 adapters, NF4 with blocksize 64 and double quantization, on a CUDA device.
-PLAN_DEFAULTS = dict(r=64, target_modules="all-linear", seq_len=512, batch_size=1, optimizer="paged_adamw_32bit",
+PLAN_DEFAULTS = dict(r=64, target_modules="all-linear", quantize="all-linear", seq_len=512, batch_size=1, optimizer="paged_adamw_32bit",
                      gradient_checkpointing=True, compute_dtype=torch.bfloat16, adapter_dtype=torch.float32,
                      blocksize=64, double_quant=True, device="cuda")
 
@@ -261,6 +261,15 @@ def _swap_targets(model, opts) -> list:
         new = QLoRALinear(weight, bias, r=opts["r"], alpha=16, adapter_dtype=opts["adapter_dtype"])
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    # the Linears quantized apart from the LoRA targets (quantize=, as prepare_model / NF4Config): NF4, frozen
+    for name in find_quantize_modules(model, opts.get("quantize", PLAN_DEFAULTS["quantize"]),
+                                      opts.get("skip_modules", ()), names):
+        lin = model.get_submodule(name)
+        weight = _meta_nf4((lin.out_features, lin.in_features), opts["compute_dtype"], opts["blocksize"],
+                           opts["double_quant"])
+        bias = None if lin.bias is None else torch.empty_like(lin.bias, device="meta")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, NF4Linear(weight, bias))
     for pname, p in model.named_parameters():
         p.requires_grad_(".lora_A." in pname or ".lora_B." in pname or pname.endswith((".lora_A", ".lora_B")))
     return names
@@ -415,6 +424,8 @@ def plan_memory(
     *,
     r: int = _D["r"],
     target_modules: Union[str, Iterable[str]] = _D["target_modules"],
+    quantize: Union[str, Iterable[str]] = _D["quantize"],
+    skip_modules: Iterable[str] = (),
     seq_len: int = _D["seq_len"],
     batch_size: int = _D["batch_size"],
     optimizer: str = _D["optimizer"],
@@ -440,6 +451,9 @@ def plan_memory(
             experts in NF4 with per-expert LoRA), a config.json path or model directory, a dict or transformers
             config, or a model.
         r, target_modules, blocksize, double_quant: as load_pretrained / prepare_model.
+        quantize, skip_modules: the Linears stored in NF4 apart from the LoRA targets, as prepare_model takes
+            them ("all-linear": every Linear but the output head, whatever the adapters target; "targets":
+            only the LoRA targets, the rest dense).
         seq_len, batch_size: tokens per sequence and sequences per step (per micro-batch). A seq_len beyond the
             model's max_position_embeddings is planned, with a warning (and a note in the table).
         optimizer: transformers' names ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit",
@@ -473,7 +487,8 @@ def plan_memory(
     config, model = _load_config(config_or_model)
     if config is None:
         raise ValueError("config_or_model: a model without a transformers .config cannot be planned")
-    opts = dict(r=r, target_modules=target_modules, blocksize=blocksize, double_quant=double_quant,
+    opts = dict(r=r, target_modules=target_modules, quantize=quantize, skip_modules=skip_modules,
+                blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype, adapter_dtype=adapter_dtype or compute_dtype, optimizer=optimizer,
                 gradient_checkpointing=gradient_checkpointing, device=device, foreach=foreach)
     start = time.perf_counter()
@@ -497,7 +512,9 @@ def plan_memory(
     plan = MemoryPlan(terms=terms, total_bytes=total, device_memory=dev_mem,
                       settings=dict(model=_model_name(config_or_model, config), r=r,
                                     target_modules=target_modules if isinstance(target_modules, str)
-                                    else list(target_modules), seq_len=seq_len, batch_size=batch_size,
+                                    else list(target_modules),
+                                    quantize=quantize if isinstance(quantize, str) else list(quantize),
+                                    seq_len=seq_len, batch_size=batch_size,
                                     optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
                                     compute_dtype=compute_dtype, adapter_dtype=opts["adapter_dtype"],
                                     blocksize=blocksize, double_quant=double_quant, device=device),
@@ -608,7 +625,7 @@ def _model_name(arg, config) -> str:
 
 def _static_terms(config, opts) -> dict:
     model = _meta_model(config, opts)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}  # QLoRALinear included
     from .experts import experts_modules
 
     expert_weights = [w for e in experts_modules(model).values() for w in e.projections.values()]
@@ -710,7 +727,7 @@ class _Simulator:
             vocab = self.config.vocab_size
             ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="cpu")
         for m in model.modules():
-            if isinstance(m, QLoRALinear):
+            if isinstance(m, NF4Linear):
                 m._weight_cache = None
         model.train()
         if opts["gradient_checkpointing"]:
