@@ -1,6 +1,10 @@
 """FSDP2 on this machine: per-rank memory and step time of a small Llama, world size 1 (no FSDP) and 2 (FSDP2).
 
-    python bench/bench_fsdp.py [--layers 4] [--hidden 256] [--steps 6] [--out DIR]
+    python bench/bench_fsdp.py [--layers 4] [--hidden 256] [--steps 6] [--out DIR] [--plain]
+
+--plain shards with torch's `fully_shard` on each decoder layer and then the root, as accelerate's FSDP2 plugin
+does, with no call of qlora_kernels (the NF4 codes are stored so that this shards them too) instead of
+`qk.shard_model`.
 
 Per rank: parameter + buffer bytes it holds (local shards), NF4 bytes (sharded codes and the replicated nested
 scales), RSS before a step and the peak RSS during one (VmHWM after resetting it through /proc/self/clear_refs:
@@ -85,7 +89,13 @@ def measure(rank, world, args, out_dir):
     from qlora_kernels import distributed as qd
 
     model = build(args)
-    if world > 1:
+    if world > 1 and args.plain:  # as a launcher calls it: no call of ours
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif world > 1:
         qd.shard_model(model, verbose=False)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
     param_bytes = sum(local(t).numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -93,7 +103,7 @@ def measure(rank, world, args, out_dir):
         nf4 = qd.nf4_shard_bytes(model)
         nf4_local = nf4["sharded"] + nf4["replicated"]
     else:
-        nf4_local = sum(m.weight.nbytes for m in qk.model.qlora_modules(model).values())
+        nf4_local = sum(m.weight.nbytes for m in qk.model.nf4_modules(model).values())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=g).chunk(world)[rank]
@@ -233,6 +243,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--plain", action="store_true",
+                    help="shard with fully_shard on each decoder layer and the root (as accelerate), not shard_model")
     ap.add_argument("--project-only", action="store_true",
                     help="keep the measured rows of the existing fsdp-cpu.json, recompute the projection")
     args = ap.parse_args()
@@ -260,7 +272,8 @@ def main():
     cols = ["world", "rank", "param_and_buffer_MiB", "nf4_MiB", "rss_before_step_MiB", "peak_rss_in_step_MiB",
             "step_ms_median", "step_ms_p20", "step_ms_p80"]
     print(f"small Llama: {args.layers} layers, hidden {args.hidden}, vocab 2048, every Linear but lm_head in NF4 "
-          f"(r=16); global batch {BATCH} x {SEQ} tokens; {args.steps} timed steps")
+          f"(r=16); global batch {BATCH} x {SEQ} tokens; {args.steps} timed steps"
+          + ("; sharded by plain fully_shard" if args.plain else ""))
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
