@@ -499,3 +499,10 @@ def test_planner_counts_nf4_experts_and_their_lora():
         w.numel for w in experts)
     assert plan.counts["lora_params"] == sum(p.numel() for p in real.parameters() if p.requires_grad)
     assert plan.terms["saved activations (checkpointed)"] > 0
+
+
+def test_dropout_warns_that_expert_lora_has_none():
+    model = make_model("mixtral")
+    with pytest.warns(UserWarning, match="expert LoRA of 2 experts modules runs without dropout"):
+        qk.prepare_model(model, r=R, dropout=0.1, verbose=False)
+    assert isinstance(model.model.layers[0].mlp.experts, NF4Experts)

@@ -417,6 +417,10 @@ def prepare_model(
         _check_target(name, model.get_submodule(name))
     for name in expert_targets:
         check_experts(name, model.get_submodule(name))
+    if dropout and expert_targets:  # as PEFT's ParamWrapper, which refuses lora_dropout on 3-D parameters
+        warnings.warn(f"prepare_model: dropout={dropout} applies to the Linear adapters only; the expert LoRA of "
+                      f"{len(expert_targets)} experts modules runs without dropout (PEFT's target_parameters "
+                      "LoRA has none either)", UserWarning, stacklevel=2)
     earlier = qlora_modules(model)
     if earlier:
         kept = {(m.r, m.lora_alpha, m.use_rslora) for m in earlier.values()}
