@@ -142,6 +142,7 @@ def _run_plain(rank, world, out_dir):
         full = qd.full_state_dict(model)  # a collective: bitsandbytes keys gathered to rank 0
         if rank == 0:
             torch.save(full, os.path.join(out_dir, f"full-{len(res)}.pt"))
+        qd.save_sharded(model, os.path.join(out_dir, f"dcp-{len(res)}"))  # each rank writes its own rows
         res[(how, sharding, str(param_dtype))] = dict(
             nf4=qd.nf4_shard_bytes(model), exact=seen, n_layers=len(layers), loss=loss, grads=grads,
             sharded_params=sorted(n for n, p in model.named_parameters() if hasattr(p, "to_local")
@@ -201,6 +202,20 @@ def test_plain_fully_shard_shards_nf4_bytes_and_trains_exactly(run_plain, case):
     assert list(full) == list(want) and any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in full)
     for k, v in want.items():
         assert full[k].dtype == v.dtype and torch.equal(full[k], v), k
+    # the DCP checkpoint the two ranks wrote loads into one process (NF4 bytes and adapters zeroed first)
+    from qlora_kernels import distributed as qd
+
+    fresh = build(how, str(out / "ckpt"))
+    with torch.no_grad():
+        for m in nf4_layers(fresh).values():
+            m.weight_packed.zero_()
+            m.weight_absmax.zero_()
+        for name, p in fresh.named_parameters():
+            if "lora_" in name:
+                p.zero_()
+    qd.load_sharded(fresh, out / f"dcp-{CASES.index(case)}")
+    got = fresh.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], v) for k, v in want.items())
     # forward / backward equal to the single-process model, bit for bit (see the module docstring)
     want_loss, want_grads = reference(how, param_dtype, out / "ckpt")
     for r in (r0, r1):
