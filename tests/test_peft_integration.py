@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 warnings.filterwarnings("ignore", message=".*native extension _C not available.*")
 
 import qlora_kernels as qk  # noqa: E402
+from qlora_kernels.checkpoint import enable_activation_checkpointing  # noqa: E402
 from qlora_kernels.nn import NF4Linear, QLoRALinear  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -425,13 +426,19 @@ def test_from_pretrained_with_nf4config_then_peft(tmp_path):
             tmp_path / "base", quantization_config=qk.NF4Config(compute_dtype=torch.bfloat16), dtype=torch.bfloat16)
 
     model = peft.prepare_model_for_kbit_training(load())
+    # NF4Config models do not set is_loaded_in_4bit (integrations/transformers.py says why: TRL would cast the
+    # float32 adapters to bf16, transformers' num_parameters would import bitsandbytes), so PEFT's kbit
+    # preparation freezes and upcasts only: checkpointing and input grads are the user's (or the trainer's
+    # gradient_checkpointing=True) call, as the README's Hugging Face path does.
+    model.enable_input_require_grads()
+    enable_activation_checkpointing(model)
     pm = peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj", "v_proj"], **CFG)).train()
     randomize(pm)
     with OpCount() as ops:
         loss = pm(IDS, labels=IDS).loss
     assert ops.count("nf4_linear", lora=True) == 4 and ops.count("nf4_linear", lora=False) == N_LINEAR - 4
-    # checkpointing is on (is_loaded_in_4bit): backward recomputes each forward once; PEFT's
-    # enable_input_require_grads makes the embedding output require grad, so all 14 layers compute dx
+    # checkpointing is on: backward recomputes each forward once; enable_input_require_grads makes the
+    # embedding output require grad, so all 14 layers compute dx
     with OpCount() as ops:
         loss.backward()
     assert ops.count("nf4_linear", lora=True) == 4 and ops.count("nf4_linear_dx") == N_LINEAR
