@@ -506,3 +506,80 @@ def test_dropout_warns_that_expert_lora_has_none():
     with pytest.warns(UserWarning, match="expert LoRA of 2 experts modules runs without dropout"):
         qk.prepare_model(model, r=R, dropout=0.1, verbose=False)
     assert isinstance(model.model.layers[0].mlp.experts, NF4Experts)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face path
+@pytest.mark.parametrize("kind", ["qwen", "mixtral"])
+def test_nf4config_from_pretrained_quantizes_experts(kind, tmp_path):
+    """from_pretrained(quantization_config=NF4Config) of a per-expert checkpoint: NF4Experts whose bytes are
+    quantize_nf4 of each expert's slice, the router dense, logits equal to prepare_model's on the same weights
+    (its LoRA B = 0), and save_pretrained -> from_pretrained without the config gives the same bytes and logits."""
+    model = make_model(kind)
+    model.save_pretrained(tmp_path / "dense")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=qk.NF4Config(compute_dtype=torch.float32)).eval()
+    dense = {n: m for n, m in model.named_modules() if n.endswith("mlp.experts")}
+    experts = experts_modules(hf)
+    assert set(experts) == set(dense)
+    for name, module in experts.items():
+        assert isinstance(module, NF4Experts)
+        router = hf.get_submodule(name.rpartition(".")[0] + ".gate")
+        assert isinstance(router.weight, nn.Parameter) and router.weight.dtype == torch.float32
+        assert torch.equal(router.weight, model.get_submodule(name.rpartition(".")[0] + ".gate").weight)
+        for p, w in module.projections.items():
+            assert w.r == 0  # the HF path quantizes; PEFT adds the adapters
+            for e in range(module.num_experts):
+                ref = qk.quantize_nf4(dense[name]._parameters[p][e].detach().contiguous())
+                assert torch.equal(w.weight_packed[e], ref.packed.view(-1)), (name, p, e)
+                assert torch.equal(w.weight_absmax[e], ref.absmax), (name, p, e)
+                assert torch.equal(w.weight_nested_absmax[e], ref.nested_absmax), (name, p, e)
+                assert torch.equal(w.weight_offset[e], ref.offset.reshape(())), (name, p, e)
+    prepared = copy.deepcopy(model)
+    qk.prepare_model(prepared, r=R, alpha=ALPHA, verbose=False)
+    _same_nf4(prepared, hf)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        logits = hf(ids).logits
+        assert torch.equal(logits, prepared(ids).logits)
+
+    hf.save_pretrained(tmp_path / "nf4")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4").eval()
+    assert set(experts_modules(again)) == set(dense)
+    _same_nf4(hf, again)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)
+
+
+def test_nf4config_bitsandbytes_serialization_refuses_experts(tmp_path):
+    """serialize_as='bitsandbytes' cannot describe NF4 experts: a clear error naming the module, not a config
+    that bitsandbytes would misread."""
+    make_model("qwen").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts \(Qwen3MoeExperts\).*serialize_as"):
+        transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=qk.NF4Config(serialize_as="bitsandbytes"))
+
+
+@pytest.mark.parametrize("target_modules", [[], "all-linear"])
+def test_load_pretrained_target_parameters_as_prepare_model(target_modules, tmp_path):
+    """load_pretrained(target_parameters=...) adapts what prepare_model(target_parameters=...) adapts: the same
+    trainable parameters (LoRA on gate_up_proj only; down_proj NF4 without adapter), the same NF4 bytes and
+    logits; a name matching no expert weight raises naming target_parameters."""
+    model = make_model("qwen")
+    model.save_pretrained(tmp_path)
+    tp = ["mlp.experts.gate_up_proj"]
+    prepared = copy.deepcopy(model)
+    qk.prepare_model(prepared, target_modules=target_modules, target_parameters=tp, r=R, alpha=ALPHA, verbose=False)
+    loaded = qk.load_pretrained(tmp_path, device="cpu", compute_dtype=torch.float32, target_modules=target_modules,
+                                target_parameters=tp, r=R, alpha=ALPHA, verbose=False)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in prepared.named_parameters() if p.requires_grad}
+    assert any(".experts.gate_up_proj.lora_A" in n for n in trainable)
+    assert not any(".experts.down_proj.lora" in n for n in trainable)
+    assert any("self_attn" in n for n in trainable) == (target_modules == "all-linear")
+    _same_nf4(prepared, loaded)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(prepared(ids).logits, loaded(ids).logits)
+    with pytest.raises(ValueError, match=r"target_parameters \['mlp\.experts\.w9'\] match no fused expert"):
+        qk.load_pretrained(tmp_path, device="cpu", target_modules=[], target_parameters=["mlp.experts.w9"],
+                           verbose=False)

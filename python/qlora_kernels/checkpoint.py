@@ -311,6 +311,7 @@ def load_pretrained(
     torch_dtype=None,
     device_map=None,
     revision: Optional[str] = None,
+    target_parameters: Optional[Iterable[str]] = None,
 ):
     """Load a Hugging Face model directory straight into a QLoRA-prepared model, one tensor at a time.
 
@@ -341,6 +342,11 @@ def load_pretrained(
             devices ("auto", per-module) raises NotImplementedError.
         attn_implementation: passed to the model's construction ("eager", "sdpa", ...), as from_pretrained.
         revision: None or "main" only: `path` is a local directory, which has no revisions.
+        target_parameters: mixture-of-experts models: the fused expert weights that get LoRA, as prepare_model
+            and PEFT's LoraConfig name them ("mlp.experts.gate_up_proj": a full "<module path>.<parameter>" or
+            its suffix after a dot); their experts modules become NF4Experts (every projection NF4, LoRA on the
+            named ones only). target_modules=[] then adapts no Linear. None: "all-linear" takes every experts
+            module (LoRA on each projection).
         gradient_checkpointing: switch on transformers' non-reentrant activation checkpointing.
         auto_class: transformers auto class building the skeleton (default AutoModelForCausalLM).
         verbose / progress: print the report / show a progress bar (tensors and bytes).
@@ -372,7 +378,8 @@ def load_pretrained(
         report = _stream_into(model, reader, quant_config, device, dict(
             target_modules=target_modules, exclude_modules=exclude_modules, r=r, alpha=alpha, dropout=dropout,
             use_rslora=use_rslora, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
-            adapter_dtype=adapter_dtype, quantize=quantize, skip_modules=skip_modules),
+            adapter_dtype=adapter_dtype, quantize=quantize, skip_modules=skip_modules,
+            target_parameters=target_parameters),
             verbose if progress is None else progress)
     finally:
         reader.close()
@@ -408,7 +415,16 @@ def _stream_into(model, reader: _Reader, quant_config, device, opts, show_progre
         name = sorted(quantized_in_file)[0]
         raise CheckpointError(f"{reader.key_files[name + '.weight']}: tensor {name + '.weight'!r} is NF4-quantized "
                               "but config.json has no bitsandbytes quantization_config")
-    targets = set(find_target_modules(model, opts["target_modules"], opts["exclude_modules"]))
+    tm = opts["target_modules"]
+    if opts.get("target_parameters") is not None and not isinstance(tm, str) and not list(tm):
+        targets = set()  # PEFT's target_modules=[] with target_parameters: experts only (as prepare_model)
+    else:
+        try:
+            targets = set(find_target_modules(model, tm, opts["exclude_modules"]))
+        except ValueError:
+            if not expert_sources:
+                raise
+            targets = set()  # the target matched experts modules only
     if quant_config is not None:  # the file decides what is quantized; skip modules stay dense
         targets &= quantized_in_file
     # NF4 without adapters (NF4Linear): with quantize="all-linear", every other Linear of a plain checkpoint, or

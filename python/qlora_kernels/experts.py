@@ -471,6 +471,8 @@ class NF4ExpertWeight(nn.Module):
             raise ValueError(f"NF4 experts of shape {state.get('shape')} (transposed={state.get('transposed')}), "
                              f"this module is {shape} (transposed={self.transposed})")
         dev = self.weight_packed.device
+        if dev.type == "meta":  # a skeleton (NF4Config's load of a saved model): the bytes stay where they are
+            dev = sd[wkey].device
         packed = sd[wkey].to(dev)
         absmax = sd[wkey + ".absmax"].to(dev)
         nested = sd.get(wkey + ".nested_absmax")

@@ -12,6 +12,13 @@ model (no config passed: it is read from config.json, with `import qlora_kernels
 `qlora_kernels.load_pretrained` reads it too. `NF4Config(serialize_as="bitsandbytes")` writes config.json as a
 bitsandbytes 4-bit nf4 config instead, which transformers + bitsandbytes load (the tensors are the same).
 
+Mixture-of-experts models: the fused experts modules (Qwen3MoeExperts, MixtralExperts, GptOssExperts: 3-D
+gate_up_proj / down_proj) become `NF4Experts` too, each expert quantized exactly as `quantize_nf4` of its
+[out, in] matrix; the router stays dense. transformers' weight conversion assembles each fused parameter from
+the checkpoint's per-expert keys first (one fused full-precision parameter in memory at a time, not one expert
+matrix as qlora_kernels.load_pretrained), then NF4Quantize quantizes it; the module is swapped after loading.
+They save fused under `<param>.weight*` keys and reload as such; serialize_as="bitsandbytes" refuses them.
+
 What trainers read, and what they then do:
 - `model.is_quantized` True, `model.quantization_method` "qlora_kernels", `config.quantization_config`.
 - `model.is_loaded_in_4bit` is NOT set, by choice. Where trainers test it, they then treat the model as a
@@ -40,6 +47,8 @@ from torch import nn
 
 from .._format import FLOAT_DTYPES
 from ..functional import quantize_nf4
+from ..experts import (EXPERTS_QUANT_STATE_KEY, NF4Experts, NF4ExpertWeight, check_experts_layout,
+                       find_experts_modules)
 from ..nn import NF4Linear
 from ..weight import QUANT_STATE_KEY
 
@@ -48,7 +57,7 @@ __all__ = ["NF4Config", "QUANT_METHOD", "register"]
 QUANT_METHOD = "qlora_kernels"
 MIN_TRANSFORMERS = (5, 0)
 _SERIALIZED = ["weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-               f"weight.{QUANT_STATE_KEY}"]
+               f"weight.{QUANT_STATE_KEY}", "weight.offset", f"weight.{EXPERTS_QUANT_STATE_KEY}"]
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -218,7 +227,17 @@ def _build_classes():
             cfg = self.hf_quantizer.quantization_config
             for name, value in input_dict.items():
                 value = value[0] if isinstance(value, list) else value
-                module, _ = _module_of(model, name)
+                module, attr = _module_of(model, name)
+                if not isinstance(module, NF4Linear):
+                    # a fused 3-D expert parameter, assembled by the model's conversion (per-expert keys merged):
+                    # quantized expert by expert; the NF4Experts replaces the module after loading
+                    layout = self.hf_quantizer._experts[name.rpartition(".")[0]]
+                    module.__dict__.setdefault("_qk_nf4_parts", {})[attr] = NF4ExpertWeight.quantize(
+                        value, transposed=layout["transposed"], blocksize=cfg.blocksize,
+                        double_quant=cfg.double_quant, name=name)
+                    if missing_keys is not None:
+                        missing_keys.discard(name)
+                    continue
                 module.set_weight(quantize_nf4(value, blocksize=cfg.blocksize, double_quant=cfg.double_quant))
                 module._is_hf_initialized = True
                 _loaded(missing_keys, name)
@@ -232,9 +251,14 @@ def _build_classes():
 
         def convert(self, input_dict, full_layer_name=None, model=None, missing_keys=None, **kwargs):
             module, _ = _module_of(model, full_layer_name)
+            sd = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
+            if isinstance(module, NF4ExpertWeight):  # one projection of an NF4Experts: stacked bytes as stored
+                module._load_nf4(sd, "weight")
+                module._is_hf_initialized = True
+                _loaded(missing_keys, full_layer_name)
+                return {}
             if not isinstance(module, NF4Linear):
                 return input_dict  # a norm's or an embedding's `weight` (the pattern matches every weight)
-            sd = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
             # a float weight alone is quantized like the layer; NF4 keys are taken as stored (checked)
             module._load_weight(sd, "weight")
             module._is_hf_initialized = True
@@ -271,6 +295,9 @@ def _build_classes():
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
             module_name, _, attr = param_name.rpartition(".")
+            layout = getattr(self, "_experts", {}).get(module_name)
+            if layout is not None:  # a fused 3-D expert weight, once the model's conversion has assembled it
+                return attr in layout["weights"]
             try:
                 module = model.get_submodule(module_name)
             except AttributeError:
@@ -292,13 +319,51 @@ def _build_classes():
                 new.train(module.training)
                 parent, child = _module_of(model, name)
                 parent._modules[child] = new
+            # MoE: fused experts modules (3-D gate_up_proj / down_proj, not nn.Linear) are quantized too. A saved
+            # NF4 model gets NF4Experts skeletons now (its keys are theirs); on the fly, the module stays as it is
+            # while loading (the model's conversion assembles its fused parameters under their own names) and
+            # NF4Quantize quantizes each assembled parameter; _process_model_after_weight_loading swaps it.
+            self._experts = {}
+            for name in find_experts_modules(model):
+                if not should_convert_module(name, skip):
+                    continue
+                module = model.get_submodule(name)
+                layout = check_experts_layout(name, module)  # an unknown layout raises, naming the module
+                if cfg.serialize_as == "bitsandbytes":
+                    raise ValueError(
+                        f"NF4Config(serialize_as='bitsandbytes'): {name} ({type(module).__name__}) holds fused "
+                        "experts, which this package quantizes per expert in its own format; bitsandbytes has no "
+                        "format for them, so the saved config would not describe the model. Use "
+                        "serialize_as='qlora_kernels', or keep the experts dense with "
+                        f"modules_to_not_convert=[..., {name.rpartition('.')[2]!r}]")
+                if self.pre_quantized:
+                    parent, child = _module_of(model, name)
+                    parent._modules[child] = NF4Experts(module, name, targets=(), blocksize=cfg.blocksize,
+                                                        double_quant=cfg.double_quant)
+                else:
+                    self._experts[name] = layout
             _hide_nf4_buffers(model)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             model.__dict__.pop("named_non_persistent_buffers", None)  # _hide_nf4_buffers' override
-            unloaded = [n for n, m in model.named_modules()
-                        if isinstance(m, NF4Linear) and m.weight_packed.device.type == "meta"]
+            cfg = self.quantization_config
+            unloaded = []
+            for name, layout in getattr(self, "_experts", {}).items():
+                module = model.get_submodule(name)
+                parts = module.__dict__.pop("_qk_nf4_parts", {})
+                if set(parts) != set(layout["weights"]):
+                    unloaded.append(name)
+                    continue
+                new = NF4Experts(module, name, targets=(), blocksize=cfg.blocksize, double_quant=cfg.double_quant)
+                for p, w in parts.items():  # the meta skeletons NF4Experts made -> the quantized projections
+                    new._modules[p] = w
+                parent, child = _module_of(model, name)
+                parent._modules[child] = new
+            self._experts = {}
+            _keep_nf4_experts_keys(model)
+            unloaded += [n for n, m in model.named_modules()
+                         if isinstance(m, (NF4Linear, NF4ExpertWeight)) and m.weight_packed.device.type == "meta"]
             if unloaded:
                 raise ValueError(
                     f"NF4Config: {len(unloaded)} quantized layer(s) got no weight from the checkpoint (first: "
@@ -320,6 +385,10 @@ def _build_classes():
 
         def _dequantize(self, model, dtype=None):
             for name, module in list(model.named_modules()):
+                if isinstance(module, NF4Experts):
+                    parent, child = _module_of(model, name)
+                    parent._modules[child] = module.unquantized(dtype, merge=False)
+                    continue
                 if isinstance(module, NF4Linear):
                     out_dtype = dtype or module.weight_dtype
                     lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
@@ -341,6 +410,30 @@ def _build_classes():
     return NF4HfQuantizer
 
 
+def _keep_nf4_experts_keys(model) -> None:
+    """Drop from `model._weight_conversions` the model's converters whose reverse would take the NF4 experts'
+    keys (`...experts.gate_up_proj.weight`, `.weight.absmax`, ...) for the dense fused parameter on
+    save_pretrained and split them per expert ("Undefined Operation encountered!"): the NF4 experts are saved
+    fused, under their own keys, and reload as such. Renamings (Mixtral's block_sparse_moe <-> mlp) are kept."""
+    from transformers.core_model_loading import WeightConverter, apply_converters
+
+    conversions = getattr(model, "_weight_conversions", None)
+    keys = [f"{n}.{p}.weight" for n, m in model.named_modules() if isinstance(m, NF4Experts) for p in m.weight_names]
+    if not conversions or not keys:
+        return
+
+    def takes_nf4_keys(c):
+        if not isinstance(c, WeightConverter):
+            return False
+        try:
+            rev = [c.reverse_transform()]
+        except NotImplementedError:  # an op without a reverse (the quantizer's own NF4Deserialize): not the model's
+            return False
+        return any(apply_converters(k, rev)[1] is not None for k in keys)
+
+    model._weight_conversions = [c for c in conversions if not takes_nf4_keys(c)]
+
+
 def _hide_nf4_buffers(model) -> None:
     """Keep the NF4 layers' tensors out of `model.named_non_persistent_buffers()` until loading ends.
 
@@ -357,7 +450,7 @@ def _hide_nf4_buffers(model) -> None:
     def named_non_persistent_buffers(*args, **kwargs):
         for name, buf in method(model, *args, **kwargs):
             owner, _, attr = name.rpartition(".")
-            if attr in _NF4_BUFFERS and isinstance(model.get_submodule(owner), NF4Linear):
+            if attr in _NF4_BUFFERS and isinstance(model.get_submodule(owner), (NF4Linear, NF4ExpertWeight)):
                 continue
             yield name, buf
 
