@@ -509,9 +509,10 @@ def test_dropout_warns_that_expert_lora_has_none():
 
 
 # ------------------------------------------------------------------------------------ Hugging Face path
-@pytest.mark.parametrize("kind", ["qwen", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen", "mixtral", "gptoss"])
 def test_nf4config_from_pretrained_quantizes_experts(kind, tmp_path):
-    """from_pretrained(quantization_config=NF4Config) of a per-expert checkpoint: NF4Experts whose bytes are
+    """from_pretrained(quantization_config=NF4Config) of a per-expert checkpoint (Qwen3-MoE, Mixtral: merged by
+    transformers' conversion) or a fused one (GptOss, [E, in, out] with biases): NF4Experts whose bytes are
     quantize_nf4 of each expert's slice, the router dense, logits equal to prepare_model's on the same weights
     (its LoRA B = 0), and save_pretrained -> from_pretrained without the config gives the same bytes and logits."""
     model = make_model(kind)
@@ -523,13 +524,14 @@ def test_nf4config_from_pretrained_quantizes_experts(kind, tmp_path):
     assert set(experts) == set(dense)
     for name, module in experts.items():
         assert isinstance(module, NF4Experts)
-        router = hf.get_submodule(name.rpartition(".")[0] + ".gate")
-        assert isinstance(router.weight, nn.Parameter) and router.weight.dtype == torch.float32
-        assert torch.equal(router.weight, model.get_submodule(name.rpartition(".")[0] + ".gate").weight)
+        router = name.rpartition(".")[0] + (".router" if kind == "gptoss" else ".gate")
+        assert isinstance(hf.get_submodule(router).weight, nn.Parameter)
+        assert torch.equal(hf.get_submodule(router).weight, model.get_submodule(router).weight)  # dense, as loaded
         for p, w in module.projections.items():
             assert w.r == 0  # the HF path quantizes; PEFT adds the adapters
             for e in range(module.num_experts):
-                ref = qk.quantize_nf4(dense[name]._parameters[p][e].detach().contiguous())
+                W = dense[name]._parameters[p][e].detach()
+                ref = qk.quantize_nf4((W.t() if w.transposed else W).contiguous())
                 assert torch.equal(w.weight_packed[e], ref.packed.view(-1)), (name, p, e)
                 assert torch.equal(w.weight_absmax[e], ref.absmax), (name, p, e)
                 assert torch.equal(w.weight_nested_absmax[e], ref.nested_absmax), (name, p, e)
