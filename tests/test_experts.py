@@ -585,3 +585,66 @@ def test_load_pretrained_target_parameters_as_prepare_model(target_modules, tmp_
     with pytest.raises(ValueError, match=r"target_parameters \['mlp\.experts\.w9'\] match no fused expert"):
         qk.load_pretrained(tmp_path, device="cpu", target_modules=[], target_parameters=["mlp.experts.w9"],
                            verbose=False)
+
+
+def test_peft_target_parameters_on_nf4_experts_raise_with_directions(tmp_path):
+    """get_peft_model(LoraConfig(target_parameters=...)) on a model whose experts are NF4Experts (NF4Config's
+    from_pretrained) refuses before touching the model, naming the weight and what to use instead (PEFT alone
+    would say only that no target_parameters were found)."""
+    peft = pytest.importorskip("peft")
+    make_model("qwen").save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=qk.NF4Config(compute_dtype=torch.float32))
+    before = {n: type(m) for n, m in hf.named_modules()}
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.down_proj is a weight of an NF4Experts "
+                                         r".*prepare_model\(model, .*target_parameters.*save_adapter"):
+        peft.get_peft_model(hf, peft.LoraConfig(r=R, target_modules=["q_proj"],
+                                                target_parameters=["mlp.experts.down_proj"]))
+    assert {n: type(m) for n, m in hf.named_modules()} == before
+    # without target_parameters PEFT adapts the NF4 linears and leaves the NF4 experts frozen, as asked
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=R, target_modules=["q_proj"]))
+    assert all(not p.requires_grad for n, p in pm.named_parameters() if ".experts." in n)
+    assert any(p.requires_grad for n, p in pm.named_parameters() if "q_proj.lora_A" in n)
+
+
+def test_prepare_model_adds_expert_lora_to_nf4config_experts(tmp_path):
+    """prepare_model(target_parameters=...) on NF4Config's model gives its NF4Experts LoRA (bytes kept): the
+    same trainable parameters and, with the same adapters, the same logits as prepare_model on the dense model;
+    the loss's gradient reaches the expert adapters."""
+    model = make_model("qwen")
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=qk.NF4Config(compute_dtype=torch.float32)).eval()
+    nf4_before = {n: b.clone() for n, b in hf.named_buffers() if ".experts." in n}
+    tp = ["mlp.experts.gate_up_proj"]
+    prepared = copy.deepcopy(model)
+    qk.prepare_model(prepared, target_modules=[], target_parameters=tp, r=R, alpha=ALPHA, verbose=False)
+    report = qk.prepare_model(hf, target_modules=[], target_parameters=tp, r=R, alpha=ALPHA, verbose=False)
+    assert report.replaced == list(experts_modules(prepared))
+    assert all(torch.equal(b, nf4_before[n]) for n, b in hf.named_buffers() if ".experts." in n)
+    trainable = {n for n, p in hf.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in prepared.named_parameters() if p.requires_grad}
+    assert trainable and all(".experts.gate_up_proj.lora_" in n for n in trainable)
+    randomize_lora(prepared)
+    hf.load_state_dict({n: p for n, p in prepared.state_dict().items() if "lora_" in n}, strict=False)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, prepared(ids).logits)
+    hf(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in hf.named_parameters() if p.requires_grad)
+
+
+def test_peft_hooks_survive_a_bare_find_spec():
+    """transformers' is_peft_available() (importlib.util.find_spec("peft"), e.g. in from_pretrained) before
+    the first `import peft` must not cost the PEFT hooks (they dispatch NF4Linear and refuse target_parameters
+    on NF4Experts): the import hook stays installed until peft actually executes."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, qlora_kernels\n"
+            "from qlora_kernels.integrations import peft as qp\n"
+            "assert importlib.util.find_spec('peft') is not None and not qp._registered\n"
+            "import peft\n"
+            "assert qp._registered\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

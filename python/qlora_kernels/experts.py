@@ -255,7 +255,13 @@ def check_experts_layout(name: str, module: nn.Module) -> dict:
 
 
 def check_experts(name: str, module: nn.Module) -> dict:
-    """check_experts_layout, and finite weights (ValueError naming the first expert with a NaN / inf)."""
+    """check_experts_layout, and finite weights (ValueError naming the first expert with a NaN / inf). An
+    NF4Experts without adapters (NF4Config's from_pretrained) passes: it was checked when it was quantized."""
+    if isinstance(module, NF4Experts):
+        return {"num_experts": module.num_experts, "hidden": module.hidden_dim,
+                "intermediate": module.intermediate_dim, "transposed": module.is_transposed,
+                "has_gate": module.has_gate, "has_bias": module.has_bias,
+                "weights": {p: (w.out_features, w.in_features) for p, w in module.projections.items()}}
     layout = check_experts_layout(name, module)
     for p in layout["weights"]:
         t = module._parameters[p]
@@ -341,6 +347,18 @@ class NF4ExpertWeight(nn.Module):
             offset = torch.stack([p.offset.reshape(()) for p in parts])
         return cls(len(parts), out_features, in_features, transposed=transposed, dtype=dtype, blocksize=blocksize,
                    packed=packed, absmax=absmax, nested_absmax=nested, offset=offset, **lora)
+
+    def add_lora(self, r: int, alpha: float, use_rslora: bool, adapter_dtype: Optional[torch.dtype]) -> None:
+        """Give a projection without adapters (r = 0: NF4Config's from_pretrained) fresh LoRA factors on its
+        device (A as PEFT's init, B = 0); the NF4 bytes are kept as they are."""
+        if self.r:
+            raise ValueError(f"this expert projection already has LoRA (r={self.r})")
+        factory = dict(device=self.weight_packed.device, dtype=adapter_dtype or self.weight_dtype)
+        self.r, self.lora_alpha, self.use_rslora = r, float(alpha), bool(use_rslora)
+        self.scaling = _scaling(self.lora_alpha, r, self.use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(self.num_experts, r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.num_experts, self.out_features, r, **factory))
+        self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
         """A as PEFT's nn.Linear(in, r * E) init (kaiming uniform, a = sqrt(5): bound 1 / sqrt(in)), B zeros."""
@@ -648,6 +666,12 @@ def replace_experts(model: nn.Module, names: Iterable[str], targets: dict, *, r:
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
+        if isinstance(old, NF4Experts):  # NF4 already, without adapters: its bytes as they are, LoRA added
+            want = set(targets.get(n, ("all",)))
+            for p, w in old.projections.items():
+                if "all" in want or p in want:
+                    w.add_lora(r, alpha, use_rslora, adapter_dtype)
+            continue
         setattr(parent, child, NF4Experts(old, n, targets=targets.get(n, ("all",)), r=r, alpha=alpha,
                                           use_rslora=use_rslora, blocksize=blocksize, double_quant=double_quant,
                                           adapter_dtype=adapter_dtype))
@@ -698,7 +722,9 @@ def select_experts(model: nn.Module, target_modules, target_parameters, exclude_
     target_parameters (PEFT's LoraConfig option) selects expert weights explicitly; without it,
     "all-linear" takes every fused experts module (all the big matmuls), and a name list / regex takes the
     experts modules whose path it matches (as for Linear modules). exclude_modules removes modules (names by
-    the suffix rule, a str as a regex). Modules that are NF4Experts already are left alone.
+    the suffix rule, a str as a regex). NF4Experts without any adapter (NF4Config's from_pretrained) are
+    selected like the dense module (they get LoRA, their bytes as they are); NF4Experts with adapters (a model
+    prepared earlier) are left alone.
     """
     from .model import _name_matches
 
@@ -710,11 +736,15 @@ def select_experts(model: nn.Module, target_modules, target_parameters, exclude_
     else:
         ex = list(exclude_modules)
         excluded = lambda n: any(_name_matches(n, e) for e in ex)  # noqa: E731
+    def bare(n):
+        m = model.get_submodule(n)
+        return not isinstance(m, NF4Experts) or all(w.r == 0 for w in m.projections.values())
+
     if target_parameters is not None:
         hits = match_target_parameters(model, target_parameters)
-        return {n: ps for n, ps in hits.items()
-                if not isinstance(model.get_submodule(n), NF4Experts) and not excluded(n)}
-    found = find_experts_modules(model)
+        return {n: ps for n, ps in hits.items() if bare(n) and not excluded(n)}
+    found = [n for n, m in model.named_modules()
+             if n and (_looks_like_experts(m) or (isinstance(m, NF4Experts) and bare(n)))]
     if target_modules == "all-linear":
         chosen = found
     elif isinstance(target_modules, str):
@@ -836,3 +866,34 @@ def source_keys(sources: dict) -> list:
         else:
             out.append(src)
     return out
+
+
+def refuse_peft_target_parameters(model: nn.Module, config) -> None:
+    """PEFT's `LoraConfig(target_parameters=[...])` on a model with NF4Experts: ValueError naming the module.
+
+    PEFT's ParamWrapper adds its delta to the dense 3-D parameter (`module.gate_up_proj` as a tensor) and runs
+    the model's own experts forward; NF4Experts holds NF4 bytes per expert, not that parameter, so PEFT would
+    find no parameter to wrap (its error says only that nothing matched). The per-expert LoRA in PEFT's format
+    is this package's: NF4Experts' own lora_A / lora_B, saved by save_adapter as PEFT's target_parameters adapter.
+    """
+    wanted = getattr(config, "target_parameters", None)
+    if not wanted:
+        return
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    for n, m in model.named_modules():
+        if not isinstance(m, NF4Experts):
+            continue
+        for p in m.weight_names:
+            key = f"{n}.{p}"
+            hit = next((t for t in wanted if key == t or key.endswith("." + t)), None)
+            if hit is not None:
+                raise ValueError(
+                    f"LoraConfig(target_parameters=[{hit!r}, ...]): {key} is a weight of an NF4Experts module "
+                    f"({m.source_class}, quantized per expert by qlora_kernels), which PEFT's ParamWrapper cannot "
+                    "wrap (it needs the dense 3-D parameter). Train expert LoRA with qlora_kernels instead: "
+                    "qlora_kernels.prepare_model(model, target_modules=[...], target_parameters=[...]) on this "
+                    "model (NF4 bytes kept) or qlora_kernels.load_pretrained(path, target_parameters=[...]) adds "
+                    "per-expert LoRA in PEFT's layout, "
+                    "qlora_kernels.save_adapter writes it as a PEFT target_parameters adapter that "
+                    "peft.PeftModel.from_pretrained loads on the dense model, and qlora_kernels.load_adapter loads "
+                    "PEFT's back.")

@@ -10,6 +10,8 @@ dispatched from a wrapper of `LoraModel._create_new_module`, ahead of PEFT's own
 What the hooks change in PEFT, and nothing else:
 - `LoraModel._create_new_module`: an NF4Linear target gets a LoraNF4Linear; a QLoRALinear target (a model
   already carrying this package's own adapters) raises, saying how to get a PEFT-ready model.
+- `LoraModel.inject_adapter`: `target_parameters` naming a weight of an NF4Experts (experts.py) raises,
+  saying what to use instead (PEFT's ParamWrapper needs the dense 3-D parameter, which NF4Experts does not hold).
 - `target_modules="all-linear"` also selects NF4Linear modules (PEFT's rule only knows nn.Linear / Conv1D).
 - `PeftModel.get_nb_trainable_parameters` (print_trainable_parameters) counts an NF4 weight as its
   out_features * in_features logical elements, as PEFT counts bitsandbytes' Params4bit.
@@ -255,6 +257,16 @@ def register() -> bool:
 
     LoraModel._create_new_module = staticmethod(_create_new_module)
 
+    original_inject = LoraModel.inject_adapter
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        from ..experts import refuse_peft_target_parameters
+
+        refuse_peft_target_parameters(model, self.peft_config[adapter_name])  # before any module changes
+        return original_inject(self, model, adapter_name, *args, **kwargs)
+
+    LoraModel.inject_adapter = inject_adapter
+
     original_all_linear = tuners_utils._maybe_include_all_linear_layers
 
     def _maybe_include_all_linear_layers(peft_config, model):
@@ -295,13 +307,20 @@ class _PeftImportHook(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname != "peft":
             return None
-        sys.meta_path.remove(self)  # one shot; find the real spec with the other finders
-        spec = importlib.util.find_spec("peft")
+        # find the real spec with the other finders; stay installed until peft is executed: a bare
+        # importlib.util.find_spec("peft") (transformers' is_peft_available) also lands here and imports nothing
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec("peft")
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             exec_module(module)
             try:
                 register()
