@@ -648,3 +648,26 @@ def test_peft_hooks_survive_a_bare_find_spec():
             "assert qp._registered\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_nf4config_experts_dequantize_and_modules_to_not_convert(tmp_path):
+    """model.dequantize() puts the model's experts class back with deq(W_e) per expert (bit-equal to
+    NF4ExpertWeight.dense); modules_to_not_convert=[..., "experts"] keeps the experts dense as loaded."""
+    model = make_model("qwen")
+    model.save_pretrained(tmp_path)
+    cfg = dict(compute_dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qk.NF4Config(**cfg))
+    want = {n: {p: w.dense() for p, w in m.projections.items()} for n, m in experts_modules(hf).items()}
+    hf.dequantize()
+    for n, ps in want.items():
+        module = hf.get_submodule(n)
+        assert type(module).__name__ == "Qwen3MoeExperts"
+        for p, t in ps.items():
+            assert torch.equal(module._parameters[p], t), (n, p)
+    kept = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=qk.NF4Config(modules_to_not_convert=["lm_head", "experts"], **cfg))
+    assert not experts_modules(kept)
+    assert isinstance(kept.model.layers[0].self_attn.q_proj, qk.NF4Linear)
+    for n, m in model.named_modules():
+        if n.endswith("mlp.experts"):
+            assert torch.equal(kept.get_submodule(n).gate_up_proj, m.gate_up_proj)
