@@ -6,8 +6,6 @@ bitsandbytes (CPU backend) loading the same directory (identical logits).
 
 import json
 import shutil
-import threading
-import time
 import warnings
 
 import pytest
@@ -20,6 +18,7 @@ import qlora_kernels as qk  # noqa: E402
 from qlora_kernels import CheckpointError, QLoRALinear, load_pretrained, quantize_nf4, save_pretrained  # noqa: E402
 from qlora_kernels.model import model_memory, qlora_modules  # noqa: E402
 from bnb_oracle import dense_copy, dequantize_bnb  # noqa: E402
+from host_memory import HAVE_PROC, peak_above_baseline  # noqa: E402
 
 VOCAB = 256
 
@@ -330,15 +329,8 @@ def test_save_rejects_unprepared_model():
 
 
 # ------------------------------------------------------------------------------------------- host memory
-def _rss_anon() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon")
 
-
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+@pytest.mark.skipif(not HAVE_PROC, reason="needs /proc (Linux)")
 def test_host_memory_bound(tmp_path):
     """Peak anonymous memory during the load <= 1.15 x (final model bytes + largest checkpoint tensor).
 
@@ -354,23 +346,9 @@ def test_host_memory_bound(tmp_path):
     assert sum(f.stat().st_size for f in path.glob("*.safetensors")) > 20e6
     transformers.AutoModelForCausalLM.from_config(tiny_config())  # imports the Llama classes
     gc.collect()
-    base, peak, stop = _rss_anon(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_anon())
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        model = load(path, compute_dtype=torch.bfloat16, r=8)
-    finally:
-        stop.set()
-        sampler.join()
-    peak[0] = max(peak[0], _rss_anon())
+    model, above = peak_above_baseline(lambda: load(path, compute_dtype=torch.bfloat16, r=8))
     bound = 1.15 * (model_memory(model) + largest)
-    assert peak[0] - base <= bound, f"peak {peak[0] - base} bytes above baseline, bound {bound:.0f}"
+    assert above <= bound, f"peak {above} bytes above baseline, bound {bound:.0f}"
 
 
 # ------------------------------------------------------------------------------------ activation checkpointing

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import os
-import threading
-import time
 import warnings
 
 import pytest
@@ -24,6 +21,7 @@ import qlora_kernels as qk  # noqa: E402
 from qlora_kernels.experts import NF4Experts, experts_modules  # noqa: E402
 from qlora_kernels.model import model_memory  # noqa: E402
 from accuracy import assert_close_derived  # noqa: E402
+from host_memory import HAVE_PROC, peak_above_baseline  # noqa: E402
 
 R, ALPHA = 4, 8
 
@@ -378,15 +376,7 @@ def test_load_pretrained_save_pretrained_round_trips(kind, tmp_path):
         assert torch.equal(plain(ids).logits, ref(ids).logits)
 
 
-def _rss_anon() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon")
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+@pytest.mark.skipif(not HAVE_PROC, reason="needs /proc (Linux)")
 def test_streaming_load_host_memory_bound(tmp_path):
     """A checkpoint with fused 3-D expert tensors (16 MiB each) loads within 1.15 x (final model + the largest
     expert matrix): the 3-D tensors are read one expert slice at a time, never whole."""
@@ -409,25 +399,11 @@ def test_streaming_load_host_memory_bound(tmp_path):
                                                                  num_hidden_layers=1, vocab_size=8, num_experts=2,
                                                                  num_attention_heads=2, num_key_value_heads=2))
     gc.collect()
-    base, peak, stop = _rss_anon(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_anon())
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        loaded = qk.load_pretrained(path, device="cpu", compute_dtype=torch.bfloat16, r=R, verbose=False)
-    finally:
-        stop.set()
-        sampler.join()
-    peak[0] = max(peak[0], _rss_anon())
+    loaded, above = peak_above_baseline(lambda: qk.load_pretrained(path, device="cpu", compute_dtype=torch.bfloat16, r=R, verbose=False))
     final = model_memory(loaded)
     bound = 1.15 * (final + largest_expert)
     assert final < stacked  # a whole 3-D tensor would break the bound on its own
-    assert peak[0] - base <= bound, f"peak {peak[0] - base} bytes above baseline, bound {bound:.0f}"
+    assert above <= bound, f"peak {above} bytes above baseline, bound {bound:.0f}"
 
 
 # ------------------------------------------------------------------------------------------- bad inputs

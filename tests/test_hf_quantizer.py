@@ -14,6 +14,7 @@ warnings.filterwarnings("ignore", message=".*native extension _C not available.*
 
 import qlora_kernels as qk  # noqa: E402
 from qlora_kernels import NF4Linear, QLoRALinear, quantize_nf4  # noqa: E402
+from host_memory import HAVE_PROC, peak_above_baseline  # noqa: E402
 
 
 # ============================================================================================ NF4Linear
@@ -343,22 +344,12 @@ def test_import_registers_without_importing_transformers(dense):
     assert out.stdout.strip().splitlines()[-1] == "NF4Linear"
 
 
-def _rss_anon() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon")
-
-
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+@pytest.mark.skipif(not HAVE_PROC, reason="needs /proc (Linux)")
 def test_host_memory_bound(tmp_path):
     """As qk.load_pretrained (tests/test_checkpoint.py): peak anonymous memory during from_pretrained <= 1.15 x
     (final model bytes + the largest checkpoint tensor), i.e. one full-precision tensor at a time. The baseline
     is taken after a first load of a tiny model (transformers' one-time imports and loader state)."""
     import gc
-    import threading
-    import time
 
     from qlora_kernels.model import model_memory
 
@@ -373,24 +364,10 @@ def test_host_memory_bound(tmp_path):
     transformers.LlamaForCausalLM(tiny_config()).save_pretrained(small)
     nf4(small)  # transformers' loader imports and caches, once
     gc.collect()
-    base, peak, stop = _rss_anon(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_anon())
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        model = nf4(path)
-    finally:
-        stop.set()
-        sampler.join()
-    peak[0] = max(peak[0], _rss_anon())
+    model, above = peak_above_baseline(lambda: nf4(path))
     assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 28
     bound = 1.15 * (model_memory(model) + largest)
-    assert peak[0] - base <= bound, f"peak {peak[0] - base} bytes above baseline, bound {bound:.0f}"
+    assert above <= bound, f"peak {above} bytes above baseline, bound {bound:.0f}"
 
 
 # ==================================================== quantization targets apart from the LoRA targets (item 5)
