@@ -129,6 +129,10 @@ def _entry(rank, world, port, out_dir, fn_name):
         else:
             result = globals()[fn_name](rank, world, out_dir)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        if isinstance(result, dict) and result.get("process_group_broken"):
+            # the run broke the group on purpose (a rank failed mid-collective): its teardown may abort in gloo
+            # ("terminate called without an active exception", seen once under load), after the result is saved
+            os._exit(0)
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
@@ -391,6 +395,7 @@ def _run_b(rank, world, out_dir):
     except Exception as exc:  # rank 1: the ValueError; rank 0: gloo reports the peer gone (or the pg timeout)
         res["bad_input"] = f"{type(exc).__name__}: {exc}"
     res["bad_input_s"] = time.monotonic() - t0
+    res["process_group_broken"] = True
     return res
 
 
