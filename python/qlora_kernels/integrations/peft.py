@@ -30,8 +30,10 @@ merged, the NF4 base is held aside outside the module tree: `.to()` on a merged 
   float32, as on a bitsandbytes model. Activations leaving a float32 RMSNorm are float32, and the fused layer
   computes in its input's dtype (bitsandbytes casts to its compute_dtype instead), so without autocast the
   layers then run in float32: train under autocast (Trainer's bf16=True) to keep bf16 compute;
-- gradient checkpointing and input grads are turned on only when `model.is_loaded_in_4bit` is set (NF4Config's
-  quantizer sets it, as bitsandbytes' does); otherwise call `model.gradient_checkpointing_enable()`.
+- gradient checkpointing and input grads are turned on only when `model.is_loaded_in_4bit` is set, and
+  NF4Config's quantizer leaves it unset (integrations/transformers.py says why: TRL would cast the float32
+  adapters to bf16, transformers' num_parameters would import bitsandbytes): pass gradient_checkpointing=True
+  to the trainer, or call `model.enable_input_require_grads()` and enable checkpointing yourself.
 """
 
 from __future__ import annotations
