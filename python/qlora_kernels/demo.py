@@ -201,8 +201,9 @@ def _run(steps, batch_size, r, alpha, lr, out, device, seed, distributed) -> dic
     model = SentenceClassifier(copy.deepcopy(original)).to(dev)
     linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in original.modules() if isinstance(m, nn.Linear))
     print(f"\n== 1. quantize every Linear to NF4 (double quantization)   [t={time.perf_counter() - t_start:.1f} s]")
-    report = prepare_model(model, target_modules="all-linear", exclude_modules=["head"], r=r, alpha=alpha,
-                           dropout=0.05, verbose=False, progress=rank == 0)
+    # the cosine head trains in full: no adapter on it, and not quantized either
+    report = prepare_model(model, target_modules="all-linear", exclude_modules=["head"], skip_modules=["head"],
+                           r=r, alpha=alpha, dropout=0.05, verbose=False, progress=rank == 0)
     nf4_bytes = sum(m.weight.nbytes for m in qlora_modules(model).values())
     enc_before, enc_after = model_memory(original), model_memory(model.encoder)
     print(f"  {len(report.replaced)} Linear layers, {report.quantized_params:,} weights: "
@@ -317,8 +318,8 @@ def _run(steps, batch_size, r, alpha, lr, out, device, seed, distributed) -> dic
         if rank != 0:
             return {"acc_before": acc_before, "acc_after": acc_after, "reload_max_diff": 0.0}
         model = SentenceClassifier(load_base()).to(dev)
-        prepare_model(model, target_modules="all-linear", exclude_modules=["head"], r=r, alpha=alpha,
-                      dropout=0.05, verbose=False)
+        prepare_model(model, target_modules="all-linear", exclude_modules=["head"], skip_modules=["head"],
+                      r=r, alpha=alpha, dropout=0.05, verbose=False)
         model.load_state_dict(full)
         model.eval()
         with torch.no_grad():
@@ -335,7 +336,8 @@ def _run(steps, batch_size, r, alpha, lr, out, device, seed, distributed) -> dic
     print(f"\n== 3. save and reload the adapter   [t={time.perf_counter() - t_start:.1f} s]")
     print(f"  saved (PEFT format) to {out}: {', '.join(files)} ({size / 2**10:.0f} KiB)")
     fresh = SentenceClassifier(load_base()).to(dev)
-    prepare_model(fresh, target_modules="all-linear", exclude_modules=["head"], r=r, alpha=alpha, verbose=False)
+    prepare_model(fresh, target_modules="all-linear", exclude_modules=["head"], skip_modules=["head"], r=r,
+                  alpha=alpha, verbose=False)
     load_adapter(fresh, out)
     fresh.eval()
     model.eval()
