@@ -129,19 +129,9 @@ class NF4Linear(nn.Module):
         `set_weight` or `load_state_dict`: on the meta device it is the skeleton a loader builds before any
         weight exists (a meta layer takes the device of the first weight set into it).
         dtype: the dtype the weight will be quantized from; bias_dtype: the bias's (default dtype)."""
-        n = in_features * out_features
-        nb = (n + blocksize - 1) // blocksize
-        f = dict(device=device)
-        packed = torch.empty((n + 1) // 2, dtype=torch.uint8, **f)
-        if double_quant:
-            weight = NF4Weight(packed, torch.empty(nb, dtype=torch.uint8, **f), shape=(out_features, in_features),
-                               dtype=dtype, blocksize=blocksize,
-                               nested_absmax=torch.empty((nb + 255) // 256, dtype=torch.float32, **f),
-                               offset=torch.empty((), dtype=torch.float32, **f))
-        else:
-            weight = NF4Weight(packed, torch.empty(nb, dtype=torch.float32, **f), shape=(out_features, in_features),
-                               dtype=dtype, blocksize=blocksize)
-        b = torch.empty(out_features, dtype=bias_dtype or dtype, **f) if bias else None
+        weight = NF4Weight.empty((out_features, in_features), dtype=dtype, blocksize=blocksize,
+                                 double_quant=double_quant, device=device)
+        b = torch.empty(out_features, dtype=bias_dtype or dtype, device=device) if bias else None
         return cls(weight, b)
 
     # ------------------------------------------------------------------------------------------ the weight

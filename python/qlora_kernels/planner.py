@@ -216,18 +216,6 @@ def _load_config(config_or_model):
                     f"got {type(config_or_model).__name__}")
 
 
-def _meta_nf4(shape, dtype, blocksize, double_quant) -> NF4Weight:
-    n = math.prod(shape)
-    nb = -(-n // blocksize)
-    meta = dict(device="meta")
-    if double_quant:
-        return NF4Weight(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **meta), torch.empty(nb, dtype=torch.uint8, **meta),
-                         shape=shape, dtype=dtype, blocksize=blocksize,
-                         nested_absmax=torch.empty(-(-nb // 256), **meta), offset=torch.empty((), **meta))
-    return NF4Weight(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **meta), torch.empty(nb, **meta),
-                     shape=shape, dtype=dtype, blocksize=blocksize)
-
-
 def _meta_model(config, opts, num_layers: Optional[int] = None) -> nn.Module:
     """The prepared model on the meta device (optionally cut to `num_layers` decoder layers)."""
     import transformers
@@ -255,8 +243,8 @@ def _swap_targets(model, opts) -> list:
         lin = model.get_submodule(name)
         if isinstance(lin, QLoRALinear):
             continue
-        weight = _meta_nf4((lin.out_features, lin.in_features), opts["compute_dtype"], opts["blocksize"],
-                           opts["double_quant"])
+        weight = NF4Weight.empty((lin.out_features, lin.in_features), dtype=opts["compute_dtype"],
+                                 blocksize=opts["blocksize"], double_quant=opts["double_quant"])
         bias = None if lin.bias is None else torch.empty_like(lin.bias, device="meta")
         new = QLoRALinear(weight, bias, r=opts["r"], alpha=16, adapter_dtype=opts["adapter_dtype"])
         parent, _, child = name.rpartition(".")
@@ -265,8 +253,8 @@ def _swap_targets(model, opts) -> list:
     for name in find_quantize_modules(model, opts.get("quantize", PLAN_DEFAULTS["quantize"]),
                                       opts.get("skip_modules", ()), names):
         lin = model.get_submodule(name)
-        weight = _meta_nf4((lin.out_features, lin.in_features), opts["compute_dtype"], opts["blocksize"],
-                           opts["double_quant"])
+        weight = NF4Weight.empty((lin.out_features, lin.in_features), dtype=opts["compute_dtype"],
+                                 blocksize=opts["blocksize"], double_quant=opts["double_quant"])
         bias = None if lin.bias is None else torch.empty_like(lin.bias, device="meta")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, NF4Linear(weight, bias))

@@ -141,6 +141,21 @@ class NF4Weight:
         )
         return out.view(self.shape)
 
+    @classmethod
+    def empty(cls, shape, *, dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True,
+              device="meta") -> "NF4Weight":
+        """An NF4Weight of `shape` with tensors of the right sizes and no values (torch.empty's): on the meta
+        device, the skeleton a loader or the planner builds before any weight exists."""
+        n = math.prod(shape)
+        nb = num_blocks(n, blocksize)
+        f = dict(device=device)
+        packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **f)
+        if not double_quant:
+            return cls(packed, torch.empty(nb, dtype=torch.float32, **f), shape=shape, dtype=dtype, blocksize=blocksize)
+        return cls(packed, torch.empty(nb, dtype=torch.uint8, **f), shape=shape, dtype=dtype, blocksize=blocksize,
+                   nested_absmax=torch.empty(num_blocks(nb, NESTED_BLOCKSIZE), dtype=torch.float32, **f),
+                   offset=torch.empty((), dtype=torch.float32, **f))
+
     def to(self, device) -> "NF4Weight":
         device = torch.device(device)
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
