@@ -239,25 +239,19 @@ def _swap_targets(model, opts) -> list:
     replace_experts(model, experts, experts, r=opts["r"], alpha=16, use_rslora=False, blocksize=opts["blocksize"],
                     double_quant=opts["double_quant"], adapter_dtype=opts["adapter_dtype"])
     names = find_target_modules(model, opts["target_modules"])
-    for name in names:
+    # the Linears quantized apart from the LoRA targets (quantize=, as prepare_model / NF4Config): NF4, frozen
+    quantized = set(find_quantize_modules(model, opts.get("quantize", PLAN_DEFAULTS["quantize"]),
+                                          opts.get("skip_modules", ()), names))
+    for name in names + sorted(quantized):
         lin = model.get_submodule(name)
         if isinstance(lin, QLoRALinear):
             continue
         weight = NF4Weight.empty((lin.out_features, lin.in_features), dtype=opts["compute_dtype"],
                                  blocksize=opts["blocksize"], double_quant=opts["double_quant"])
         bias = None if lin.bias is None else torch.empty_like(lin.bias, device="meta")
-        new = QLoRALinear(weight, bias, r=opts["r"], alpha=16, adapter_dtype=opts["adapter_dtype"])
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    # the Linears quantized apart from the LoRA targets (quantize=, as prepare_model / NF4Config): NF4, frozen
-    for name in find_quantize_modules(model, opts.get("quantize", PLAN_DEFAULTS["quantize"]),
-                                      opts.get("skip_modules", ()), names):
-        lin = model.get_submodule(name)
-        weight = NF4Weight.empty((lin.out_features, lin.in_features), dtype=opts["compute_dtype"],
-                                 blocksize=opts["blocksize"], double_quant=opts["double_quant"])
-        bias = None if lin.bias is None else torch.empty_like(lin.bias, device="meta")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, NF4Linear(weight, bias))
+        lora = name not in quantized
+        model.set_submodule(name, QLoRALinear(weight, bias, r=opts["r"], alpha=16,
+                                              adapter_dtype=opts["adapter_dtype"]) if lora else NF4Linear(weight, bias))
     for pname, p in model.named_parameters():
         p.requires_grad_(".lora_A." in pname or ".lora_B." in pname or pname.endswith((".lora_A", ".lora_B")))
     return names
