@@ -432,14 +432,14 @@ def test_row_layout_from_the_start_in_one_process():
     model = make_model()
     x, _ = batch()
     want, sd = model(x), model.state_dict()
-    assert qd.to_row_layout(model) == ["embed", "layers.0.down", "layers.1.down"]  # in_features 16, 95: straddle
+    assert qd.replicated_layers(model) == ["embed", "layers.0.down", "layers.1.down"]  # in_features 16, 95: straddle
     up = model.layers[1].up
     assert type(up) is qk.QLoRALinear and up.row_layout and isinstance(up.weight_packed, nn.Parameter)
     assert up.weight_packed.dtype == up.weight_absmax.dtype == torch.uint8 and not up.weight_packed.requires_grad
     assert up.weight_packed.shape == (95, 32) and up.weight_absmax.shape == (95, 4)  # float32 scale as 4 bytes
     assert not model.layers[0].down.row_layout and "weight_packed" in model.layers[0].down._buffers
     assert any(k.endswith("up.weight.absmax") for k in sd) and not any("weight_packed" in k for k in sd)
-    assert qd.to_flat_layout(model) is model and torch.equal(model(x), want)
+    assert torch.equal(model(x), want)
     got = model.state_dict()
     assert list(got) == list(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
     packed = up.weight_packed.clone()

@@ -35,13 +35,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .model import nf4_modules, qlora_modules
-from .nn import _NF4_BUFFERS, NF4Linear, QLoRALinear, _is_dtensor
+from .nn import _NF4_BUFFERS, NF4Linear, _is_dtensor
 from .weight import NF4Weight
 
 __all__ = [
-    "ShardedQLoRALinear",
-    "to_row_layout",
-    "to_flat_layout",
+    "replicated_layers",
     "find_layers",
     "shard_model",
     "nf4_shard_bytes",
@@ -53,33 +51,11 @@ __all__ = [
 
 _REPLICATED = ("weight_nested_absmax", "weight_offset")
 
-# Kept for code written against the former two-layout design: every QLoRALinear now stores its weight by
-# rows from the start, so the class a sharded layer has is QLoRALinear itself.
-ShardedQLoRALinear = QLoRALinear
-
-
-def _row_shardable(m: NF4Linear) -> bool:
-    return m.row_layout
-
-
-def _replicated_layers(model: nn.Module) -> list[str]:
-    return [name for name, m in nf4_modules(model).items() if not m.row_layout]
-
-
-def to_row_layout(model: nn.Module) -> list[str]:
+def replicated_layers(model: nn.Module) -> list[str]:
     """The paths of the NF4 layers whose weights FSDP2 cannot shard (in_features % blocksize != 0: their blocks
-    straddle rows, so their flat NF4 buffers stay replicated). Every other NF4 layer is in row layout already
-    (nn.py stores it so from the start); kept from the former design, where this converted the layers."""
-    return _replicated_layers(model)
-
-
-def to_flat_layout(model: nn.Module) -> nn.Module:
-    """Kept from the former design: a model that is not sharded already has its bitsandbytes state-dict keys
-    (the row layout is internal storage). Raises for a model FSDP2 shards (gather it with full_state_dict)."""
-    for name, m in nf4_modules(model).items():
-        if m._sharded():
-            raise RuntimeError(f"{name} is sharded by FSDP2: gather it with full_state_dict() instead")
-    return model
+    straddle rows, so their flat NF4 buffers stay replicated). Every other NF4 layer is stored by rows from the
+    start (nn.py), which FSDP2 shards on dim 0."""
+    return [name for name, m in nf4_modules(model).items() if not m.row_layout]
 
 
 def find_layers(model: nn.Module) -> list[nn.Module]:
@@ -141,7 +117,7 @@ def shard_model(model: nn.Module, mesh=None, *, layers: Optional[Iterable[nn.Mod
     if not isinstance(compile, (bool, dict)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {compile!r}")
     mesh = _default_mesh(model) if mesh is None else mesh
-    replicated = to_row_layout(model)
+    replicated = replicated_layers(model)
     if replicated and verbose and dist.get_rank() == 0:
         shown = ", ".join(replicated[:6]) + (" ..." if len(replicated) > 6 else "")
         warnings.warn(f"{len(replicated)} NF4 layer(s) have in_features % blocksize != 0 (NF4 blocks "
@@ -321,7 +297,7 @@ def load_from_rank0(model: nn.Module, tensors: Optional[Iterable] = None, init_a
                 if double:
                     parts += [w.nested_absmax, w.offset.reshape(1)]
             else:
-                nb = m.out_features * m.in_features // m.blocksize if _row_shardable(m) else \
+                nb = m.out_features * m.in_features // m.blocksize if m.row_layout else \
                     -(-m.out_features * m.in_features // m.blocksize)
                 parts = [torch.empty((m.out_features * m.in_features + 1) // 2, dtype=torch.uint8, device=comm_device),
                          torch.empty(nb * (1 if double else 4), dtype=torch.uint8, device=comm_device)]
